@@ -1,0 +1,206 @@
+"""`MoSoTrainer`: a `transformers.Trainer` that records MoSo snapshots and scores training rows."""
+
+import numpy as np
+from datasets import Dataset
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
+
+from .config import MoSoConfig
+from .dataset import SCORE_COLUMN, add_moso_scores, prune_dataset
+from .parameters import select_parameters
+from .scoring import GradientStatisticsBackend, compute_moso_scores
+from .snapshots import SnapshotRecorder, read_manifest
+
+
+logger = logging.get_logger(__name__)
+
+
+class MoSoTrainer(Trainer):
+    """
+    A [`~transformers.Trainer`] that records weight snapshots and learning rates while it trains, then scores every
+    training row with MoSo (Moving-one-Sample-out, Tan et al., NeurIPS 2023) and prunes the lowest-scoring rows.
+
+    Training is unchanged: the trainer only adds a callback that saves the weights before the planned optimizer
+    steps and the learning rate each of those steps applied (see [`MoSoConfig`]).
+
+    Args:
+        args ([`MoSoConfig`], *optional*): training arguments plus the `moso_` fields. Defaults to
+            `MoSoConfig(output_dir="trainer_output")`.
+        scoring_backend ([`GradientStatisticsBackend`], *optional*): how per-row gradient statistics are computed.
+            Defaults to the per-row reference backend.
+        All other arguments are those of `Trainer`.
+
+    Example:
+        ```python
+        trainer = MoSoTrainer(model=model, args=MoSoConfig(output_dir="out"), train_dataset=train)
+        trainer.train()
+        pruned = trainer.prune(keep=0.7, class_balanced=True)
+        ```
+    """
+
+    def __init__(self, model=None, args: MoSoConfig | None = None, *trainer_args, scoring_backend=None, **kwargs):
+        # Arguments: MoSo fields live on the config, as TRL does for its trainers.
+        if args is None:
+            args = MoSoConfig(output_dir="trainer_output")
+        elif not isinstance(args, MoSoConfig):
+            kind = "TrainingArguments" if isinstance(args, TrainingArguments) else type(args).__name__
+            raise TypeError(
+                f"`args` must be a MoSoConfig, got {kind}. MoSoConfig accepts every TrainingArguments field, so "
+                "build it with the same keywords: MoSoConfig(output_dir=..., ...)."
+            )
+        super().__init__(model, args, *trainer_args, **kwargs)
+
+        # Scoring: the backend and a cache of scores per dataset fingerprint and snapshot set.
+        self.scoring_backend: GradientStatisticsBackend | None = scoring_backend
+        self._score_cache: dict[tuple, np.ndarray] = {}
+
+        # Callbacks: the snapshot recorder.
+        self.snapshot_recorder = SnapshotRecorder(
+            folder=args.moso_snapshot_folder,
+            num_snapshots=args.moso_num_snapshots,
+            snapshot_steps=args.moso_snapshot_steps,
+        )
+        self.add_callback(self.snapshot_recorder)
+
+    def _scoring_dataloader(self, dataset) -> DataLoader:
+        """Batches of `dataset` in row order, with the columns the model does not accept removed."""
+        collator = self.data_collator
+        if isinstance(dataset, Dataset):
+            dataset = self._remove_unused_columns(dataset, description="MoSo scoring")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="MoSo scoring")
+        return DataLoader(
+            dataset,
+            batch_size=self.args.moso_scoring_batch_size,
+            sampler=SequentialSampler(dataset),
+            collate_fn=collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            drop_last=False,
+        )
+
+    def _resolve_dataset(self, dataset):
+        dataset = self.train_dataset if dataset is None else dataset
+        if dataset is None:
+            raise ValueError("No dataset to score: pass `dataset=`, or give the trainer a `train_dataset`.")
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                "MoSo scores every row of a dataset with a known length; got an iterable dataset. Materialize it, "
+                "for example with `Dataset.from_generator`."
+            )
+        if len(dataset) == 0:
+            raise ValueError("The dataset to score is empty. Pass a dataset with at least 2 rows.")
+        return dataset
+
+    def compute_moso_scores(self, dataset=None) -> np.ndarray:
+        r"""
+        Compute the MoSo score of every row of `dataset` (default: the training dataset).
+
+            M(z) = (1/T) * sum_t eta_t * grad L(S\z, w_t) . grad l(z, w_t)
+
+        over the recorded snapshots w_t with the learning rates eta_t the optimizer applied at them (per parameter
+        group), where l is the model's own loss on the row alone and grad L(S\z) the mean gradient of the other
+        rows. Gradients are taken in eval mode over the parameters selected by `moso_parameters`. Higher scores
+        mark rows whose removal would hurt more.
+
+        Returns:
+            `numpy.ndarray` of float64, one score per row in dataset row order, whatever order training visited the
+            rows in and whatever columns the trainer removed.
+
+        Raises:
+            ValueError: on an empty dataset, missing snapshots, or a row whose loss or gradient is not finite (the
+                message names the row positions).
+        """
+        dataset = self._resolve_dataset(dataset)
+        folder = self.args.moso_snapshot_folder
+        manifest = read_manifest(folder)
+
+        cache_key = None
+        if isinstance(dataset, Dataset):
+            cache_key = (dataset._fingerprint, tuple(s.sha256 for s in manifest.snapshots))
+            if cache_key in self._score_cache:
+                return self._score_cache[cache_key].copy()
+
+        model = self.accelerator.unwrap_model(self.model)
+        parameters = select_parameters(model, self.args.moso_parameters, manifest.parameter_groups)
+        dataloader = self._scoring_dataloader(dataset)
+
+        def batches():
+            for batch in logging.tqdm(dataloader, desc="MoSo rows", leave=False, disable=self.args.disable_tqdm):
+                yield self._prepare_inputs(batch)
+
+        scores = compute_moso_scores(
+            model,
+            batches,
+            num_rows=len(dataset),
+            snapshot_folder=folder,
+            snapshots=manifest.snapshots,
+            parameters=parameters,
+            backend=self.scoring_backend,
+            show_progress=not self.args.disable_tqdm,
+        )
+        if cache_key is not None:
+            self._score_cache[cache_key] = scores.copy()
+        return scores
+
+    def score_dataset(self, dataset: Dataset | None = None) -> Dataset:
+        """
+        Return `dataset` (default: the training dataset) with a float64 `moso_score` column, every row kept.
+
+        Example:
+            ```python
+            scored = trainer.score_dataset()
+            kept = scored.filter(lambda row: row["moso_score"] > 0.0)
+            ```
+        """
+        dataset = self._resolve_dataset(dataset)
+        self._require_datasets_dataset(dataset)
+        return add_moso_scores(dataset, self.compute_moso_scores(dataset))
+
+    def prune(
+        self,
+        keep: float | int,
+        class_balanced: bool = False,
+        label_column: str | None = None,
+        dataset: Dataset | None = None,
+    ) -> Dataset:
+        """
+        Keep the highest-scoring rows of `dataset` (default: the training dataset).
+
+        Args:
+            keep: fraction of rows to keep, a float in (0, 1], or a number of rows, an int.
+            class_balanced: give each class a quota proportional to its size (largest-remainder rounding) and fill
+                it only with that class's best rows.
+            label_column: the class column for `class_balanced`; defaults to `label` or `labels`.
+            dataset: the dataset to prune instead of the training dataset.
+
+        Returns:
+            A `datasets.Dataset` of the kept rows, in their original order, with every original column and feature
+            unchanged plus a float64 `moso_score` column. Ties are broken by row position: the earlier row is kept.
+        """
+        dataset = self._resolve_dataset(dataset)
+        self._require_datasets_dataset(dataset)
+        return prune_dataset(
+            dataset, self.compute_moso_scores(dataset), keep, class_balanced=class_balanced, label_column=label_column
+        )
+
+    @staticmethod
+    def _require_datasets_dataset(dataset) -> None:
+        if not isinstance(dataset, Dataset):
+            raise TypeError(
+                f"A scored or pruned dataset is built from a `datasets.Dataset`, got {type(dataset).__name__}. Use "
+                "`compute_moso_scores` for other datasets, or convert with `Dataset.from_dict`."
+            )
+        if SCORE_COLUMN in dataset.column_names:
+            raise ValueError(
+                f"The dataset already has a {SCORE_COLUMN!r} column. Remove it with "
+                f"`dataset.remove_columns({SCORE_COLUMN!r})` before scoring again."
+            )
+
+    def create_model_card(self, *args, tags=None, **kwargs):
+        # Models trained here are tagged so that the Hub lists them with other MoSo runs.
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        if "moso" not in tags:
+            tags.append("moso")
+        return super().create_model_card(*args, tags=tags, **kwargs)
