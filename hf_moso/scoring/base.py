@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..parameters import ScoredParameters
@@ -47,17 +48,53 @@ class GradientStatistics:
 
 class GradientStatisticsBackend(ABC):
     """
-    Computes `GradientStatistics` for every row at the model's current weights.
+    Computes `GradientStatistics` for every row at the model's current weights, in two passes over the rows.
 
-    A backend may take any route to the two numbers (per-row gradients, per-layer products of activations and
-    output gradients, ...) as long as every row's numbers match the definition to floating-point accuracy and do
-    not depend on how rows are batched or padded. The model is already in eval mode.
+    `gradient_sum` returns sum_z g_z (the engine divides by N, after adding up the sums of all processes when rows
+    are split between processes), then `row_statistics` reduces each row's gradient against that mean. A backend
+    may take any route to these numbers (per-row gradients, per-layer products of activations and output
+    gradients, ...) as long as every row's numbers match the definition to floating-point accuracy and do not
+    depend on how rows are batched or padded. The model is already in eval mode with gradients enabled.
     """
 
     name: str = "base"
 
     @abstractmethod
+    def gradient_sum(self, model: nn.Module, batches: BatchFactory, parameters: ScoredParameters) -> list[torch.Tensor]:
+        """
+        Return sum_z g_z over the rows that `batches()` yields, one float64 tensor per scored parameter.
+
+        Raises:
+            NonFiniteLossError: when the loss of some rows is not finite; positions count from 0 in `batches()`
+                order.
+        """
+
+    @abstractmethod
+    def row_statistics(
+        self, model: nn.Module, batches: BatchFactory, parameters: ScoredParameters, gradient_mean: list[torch.Tensor]
+    ) -> GradientStatistics:
+        """Return the statistics of every row that `batches()` yields, in that order, against `gradient_mean`."""
+
     def compute(
         self, model: nn.Module, batches: BatchFactory, num_rows: int, parameters: ScoredParameters
     ) -> GradientStatistics:
-        """Return the statistics of the `num_rows` rows that `batches()` yields, in that order."""
+        """Run both passes over `num_rows` rows held by this process alone."""
+        gradient_sum = self.gradient_sum(model, batches, parameters)
+        return self.row_statistics(model, batches, parameters, [total / num_rows for total in gradient_sum])
+
+
+def raise_on_non_finite_rows(mean_dot: np.ndarray, squared_norm: np.ndarray) -> None:
+    """Raise `NonFiniteLossError` naming the rows whose statistics are NaN or infinite."""
+    # A row whose own gradient is not finite also spoils gbar, so name the rows by |g_z|^2 first.
+    bad = np.flatnonzero(~np.isfinite(squared_norm).all(axis=1))
+    if bad.size == 0:
+        bad = np.flatnonzero(~np.isfinite(mean_dot).all(axis=1))
+    if bad.size:
+        raise NonFiniteLossError(bad.tolist(), what="gradient")
+
+
+def raise_on_non_finite_losses(losses: torch.Tensor, offset: int) -> None:
+    """Raise `NonFiniteLossError` naming the rows (counted from `offset`) whose loss is NaN or infinite."""
+    finite = torch.isfinite(losses.detach())
+    if not bool(finite.all()):
+        raise NonFiniteLossError((offset + torch.nonzero(~finite).flatten()).tolist())

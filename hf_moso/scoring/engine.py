@@ -127,6 +127,8 @@ def compute_moso_scores(
             _load_into(model_state, tensors)
             with torch.enable_grad():
                 statistics = backend.compute(model, batches, num_rows, parameters)
+            if statistics.mean_dot.shape[0] != num_rows:
+                raise RuntimeError(f"The batches held {statistics.mean_dot.shape[0]} rows, expected {num_rows}.")
             scores += moso_snapshot_scores(statistics, snapshot.learning_rates, num_rows)
     finally:
         _load_into(model_state, trained_state)

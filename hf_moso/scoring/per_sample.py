@@ -6,7 +6,13 @@ from torch import nn
 
 from ..parameters import ScoredParameters
 from ..row_loss import row_losses
-from .base import BatchFactory, GradientStatistics, GradientStatisticsBackend, NonFiniteLossError
+from .base import (
+    BatchFactory,
+    GradientStatistics,
+    GradientStatisticsBackend,
+    raise_on_non_finite_losses,
+    raise_on_non_finite_rows,
+)
 
 
 def _gradients(output: torch.Tensor, parameters: ScoredParameters, retain_graph: bool) -> list[torch.Tensor]:
@@ -26,46 +32,37 @@ class PerSampleGradientBackend(GradientStatisticsBackend):
 
     name = "per_sample"
 
-    def compute(
-        self, model: nn.Module, batches: BatchFactory, num_rows: int, parameters: ScoredParameters
-    ) -> GradientStatistics:
+    def gradient_sum(self, model: nn.Module, batches: BatchFactory, parameters: ScoredParameters) -> list[torch.Tensor]:
         gradient_sum = [torch.zeros_like(tensor, dtype=torch.float64) for tensor in parameters.tensors]
         position = 0
         for batch in batches():
             losses = row_losses(model, batch)
-            self._check_finite(losses, position)
+            raise_on_non_finite_losses(losses, position)
             for total, grad in zip(gradient_sum, _gradients(losses.sum(), parameters, retain_graph=False)):
                 total += grad.to(torch.float64)
             position += losses.shape[0]
-        if position != num_rows:
-            raise RuntimeError(f"The batches held {position} rows, expected {num_rows}.")
-        gradient_mean = [total / num_rows for total in gradient_sum]
+        return gradient_sum
 
-        mean_dot = np.zeros((num_rows, parameters.num_groups), dtype=np.float64)
-        squared_norm = np.zeros((num_rows, parameters.num_groups), dtype=np.float64)
-        position = 0
+    def row_statistics(
+        self, model: nn.Module, batches: BatchFactory, parameters: ScoredParameters, gradient_mean: list[torch.Tensor]
+    ) -> GradientStatistics:
+        mean_dot, squared_norm = [], []
         for batch in batches():
             losses = row_losses(model, batch)
             size = losses.shape[0]
+            batch_dot = np.zeros((size, parameters.num_groups), dtype=np.float64)
+            batch_norm = np.zeros((size, parameters.num_groups), dtype=np.float64)
             for index in range(size):
                 gradients = _gradients(losses[index], parameters, retain_graph=index < size - 1)
                 for grad, mean, group in zip(gradients, gradient_mean, parameters.groups):
                     grad = grad.to(torch.float64)
-                    mean_dot[position + index, group] += float(torch.sum(grad * mean))
-                    squared_norm[position + index, group] += float(torch.sum(grad * grad))
-            position += size
+                    batch_dot[index, group] += float(torch.sum(grad * mean))
+                    batch_norm[index, group] += float(torch.sum(grad * grad))
+            mean_dot.append(batch_dot)
+            squared_norm.append(batch_norm)
 
-        # A row whose own gradient is not finite also spoils gbar, so name the rows by |g_z|^2 first.
-        bad = np.flatnonzero(~np.isfinite(squared_norm).all(axis=1))
-        if bad.size == 0:
-            bad = np.flatnonzero(~np.isfinite(mean_dot).all(axis=1))
-        if bad.size:
-            raise NonFiniteLossError(bad.tolist(), what="gradient")
+        empty = np.zeros((0, parameters.num_groups), dtype=np.float64)
+        mean_dot = np.concatenate(mean_dot) if mean_dot else empty
+        squared_norm = np.concatenate(squared_norm) if squared_norm else empty
+        raise_on_non_finite_rows(mean_dot, squared_norm)
         return GradientStatistics(mean_dot=mean_dot, squared_norm=squared_norm)
-
-    @staticmethod
-    def _check_finite(losses: torch.Tensor, offset: int) -> None:
-        finite = torch.isfinite(losses.detach())
-        if not bool(finite.all()):
-            rows = (offset + torch.nonzero(~finite).flatten()).tolist()
-            raise NonFiniteLossError(rows)
