@@ -40,13 +40,14 @@ def _row(batch: Mapping, index: int) -> dict:
 
 
 def _loss_of(outputs) -> torch.Tensor:
-    loss = outputs["loss"] if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
     if loss is None and isinstance(outputs, (tuple, list)) and outputs and torch.is_tensor(outputs[0]):
         loss = outputs[0]
     if loss is None:
         raise ValueError(
             "The model returned no loss. MoSo needs the model to compute its loss from the labels in the batch: "
-            "check that the dataset has a label column the model accepts (for transformers models, `labels`)."
+            "check that the dataset has a label column the model accepts (`label` or `labels` for transformers "
+            "models) and that the data collator passes it on."
         )
     return loss.reshape(())
 

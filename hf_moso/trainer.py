@@ -7,7 +7,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import MoSoConfig
-from .dataset import SCORE_COLUMN, add_moso_scores, prune_dataset
+from .dataset import SCORE_COLUMN, add_moso_scores, prune_dataset, resolve_label_column
 from .parameters import select_parameters
 from .scoring import GradientStatisticsBackend, compute_moso_scores
 from .snapshots import SnapshotRecorder, read_manifest
@@ -181,6 +181,9 @@ class MoSoTrainer(Trainer):
         """
         dataset = self._resolve_dataset(dataset)
         self._require_datasets_dataset(dataset)
+        if class_balanced:
+            # Check the label column before the costly scoring pass.
+            label_column = resolve_label_column(dataset, label_column)
         return prune_dataset(
             dataset, self.compute_moso_scores(dataset), keep, class_balanced=class_balanced, label_column=label_column
         )
@@ -198,9 +201,9 @@ class MoSoTrainer(Trainer):
                 f"`dataset.remove_columns({SCORE_COLUMN!r})` before scoring again."
             )
 
-    def create_model_card(self, *args, tags=None, **kwargs):
+    def create_model_card(self, language=None, license=None, tags=None, **kwargs):
         # Models trained here are tagged so that the Hub lists them with other MoSo runs.
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         if "moso" not in tags:
             tags.append("moso")
-        return super().create_model_card(*args, tags=tags, **kwargs)
+        return super().create_model_card(language=language, license=license, tags=tags, **kwargs)
