@@ -7,7 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+# Real SST-2, TREC and MNIST files; tests that need them skip when the folder is absent.
+SHARED_DATA = os.environ.get(
+    "HF_MOSO_DATA_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+)
 
 
 @pytest.fixture(autouse=True)
