@@ -5,6 +5,25 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .parameters import PRESET_PREFIX, parse_preset
+
+
+def _reject_deepspeed(deepspeed) -> None:
+    # The snapshot recorder and the scoring backends read named per-layer parameters, which ZeRO stage 3 replaces
+    # by partitioned flat buffers; no stage is tested, so DeepSpeed is rejected as a whole.
+    from_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "y", "yes", "t", "true", "on")
+    if not deepspeed and not from_launcher:
+        return
+    if deepspeed:
+        source = f"`deepspeed={deepspeed!r}`"
+    else:
+        source = "ACCELERATE_USE_DEEPSPEED=true (set by `accelerate launch` with a DeepSpeed configuration)"
+    raise ValueError(
+        f"MoSoTrainer does not support DeepSpeed, got {source}. Train on several GPUs with DDP (`accelerate launch "
+        "--multi_gpu`), or shard the model with FSDP2 (`fsdp=\"full_shard\"` with `fsdp_config={\"version\": 2}`, "
+        "or `fully_shard` from `torch.distributed.fsdp`), and remove the DeepSpeed setting."
+    )
+
 
 @dataclass
 class MoSoConfig(TrainingArguments):
@@ -30,7 +49,10 @@ class MoSoConfig(TrainingArguments):
     Scoring:
         moso_parameters (`list[str]`, *optional*):
             Shell-style patterns (`fnmatch`) on the names of `model.named_parameters()` selecting the scored
-            parameters. Defaults to every trainable parameter.
+            parameters, and presets that select trainable parameters by role: `preset:head` (the task head),
+            `preset:last_blocks:K` (the last K repeated blocks and every module after them; K defaults to 1),
+            `preset:adapters` (PEFT adapter layers such as LoRA) and `preset:trainable`. A parameter is scored when
+            any entry selects it. Defaults to every trainable parameter.
         moso_batch_size (`int`, *optional*):
             Rows per forward pass when scoring. Defaults to `per_device_eval_batch_size`. The scores do not depend on
             it; only speed and memory do.
@@ -52,7 +74,10 @@ class MoSoConfig(TrainingArguments):
     )
     moso_parameters: list[str] | None = field(
         default=None,
-        metadata={"help": "fnmatch patterns on parameter names selecting the scored parameters. Default: all trainable."},
+        metadata={
+            "help": "fnmatch patterns on parameter names, or presets (preset:head, preset:last_blocks:K, "
+            "preset:adapters, preset:trainable), selecting the scored parameters. Default: all trainable."
+        },
     )
     moso_batch_size: int | None = field(
         default=None,
@@ -60,6 +85,8 @@ class MoSoConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        # Checked before the parent's checks, which fail with an import error when DeepSpeed is not installed.
+        _reject_deepspeed(self.deepspeed)
         super().__post_init__()
 
         # The estimator averages over snapshots, so it needs at least one.
@@ -99,6 +126,9 @@ class MoSoConfig(TrainingArguments):
                     "`moso_parameters` is an empty list, so no parameter would be scored. Leave it unset to score "
                     "every trainable parameter."
                 )
+            for entry in self.moso_parameters:
+                if isinstance(entry, str) and entry.startswith(PRESET_PREFIX):
+                    parse_preset(entry)
 
         if self.moso_batch_size is not None and (
             isinstance(self.moso_batch_size, bool) or not isinstance(self.moso_batch_size, int) or self.moso_batch_size < 1

@@ -124,5 +124,14 @@ def row_losses(model: nn.Module, batch: Mapping) -> torch.Tensor:
                 return _sequence_row_losses(logits, labels, model.config)
             return _token_row_losses(logits, labels, shift=loss_type in SHIFTED_TOKEN_LOSS_TYPES)
 
-    size = _batch_size(batch)
-    return torch.stack([_loss_of(model(**_row(batch, index))) for index in range(size)])
+    return single_row_losses(model, batch)
+
+
+def batch_rows(batch: Mapping) -> list[dict]:
+    """Split `batch` into batches of one row each, in order, keeping the batch dimension."""
+    return [_row(batch, index) for index in range(_batch_size(batch))]
+
+
+def single_row_losses(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    """Compute l(z) for every row z of `batch` with one forward pass per row: the model's own loss, shape `(B,)`."""
+    return torch.stack([_loss_of(model(**row)) for row in batch_rows(batch)])

@@ -41,6 +41,27 @@ def keep_count(keep: float | int, num_rows: int) -> int:
     return count
 
 
+def threshold_count(scores: np.ndarray, threshold: float) -> int:
+    """
+    Count the rows whose score is at least `threshold`.
+
+    Example:
+        >>> threshold_count(np.array([0.5, -1.0, 2.0]), 0.5)
+        2
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"`threshold` must be a number (the lowest score to keep), got {threshold!r}.")
+    if not np.isfinite(threshold):
+        raise ValueError(f"`threshold` must be a finite score, got {threshold!r}.")
+    count = int(np.count_nonzero(scores >= threshold))
+    if count == 0:
+        raise ValueError(
+            f"No row has a score of at least `threshold`={threshold}; the highest score is "
+            f"{float(scores.max())!r}. Give a lower threshold, or a fraction or row count with `keep`."
+        )
+    return count
+
+
 def top_rows(scores: np.ndarray, count: int) -> np.ndarray:
     """
     Positions of the `count` highest scores; among equal scores the earlier position wins. Returned in ascending
@@ -74,16 +95,39 @@ def class_quotas(class_sizes: np.ndarray, count: int) -> np.ndarray:
 
 
 def select_rows(
-    scores: np.ndarray, keep: float | int, labels: np.ndarray | None = None, class_balanced: bool = False
+    scores: np.ndarray,
+    keep: float | int | None = None,
+    labels: np.ndarray | None = None,
+    class_balanced: bool = False,
+    threshold: float | None = None,
+    allow_empty_classes: bool = False,
 ) -> np.ndarray:
     """
     Choose the rows to keep: the highest scores overall, or per class with `class_balanced=True`.
 
-    Class-balanced selection gives each class the quota of `class_quotas` and fills it only with that class's
-    highest-scoring rows.
+    Give exactly one of `keep` (a fraction in (0, 1] as a float, or a row count as an int) and `threshold`. A
+    threshold keeps every row whose score is at least `threshold`. With `class_balanced=True` the threshold only
+    sets how many rows are kept: the number of rows at or above it. Each class then gets the quota of
+    `class_quotas` and fills it only with that class's highest-scoring rows. So a class may keep rows below the
+    threshold while another drops rows above it.
+
+    Ties are broken by position: the earlier row is kept.
+
+    When class-balanced quotas would leave some class without any row, a `ValueError` names the classes and a
+    row count that keeps every class; with `allow_empty_classes=True` a warning is logged instead and those
+    classes are dropped.
 
     Returns:
         The kept positions in ascending order.
+
+    Example:
+        >>> scores, labels = np.array([0.3, 0.1, 0.9, 0.5]), np.array([0, 0, 1, 1])
+        >>> select_rows(scores, keep=2).tolist()
+        [2, 3]
+        >>> select_rows(scores, threshold=0.3).tolist()
+        [0, 2, 3]
+        >>> select_rows(scores, keep=2, labels=labels, class_balanced=True).tolist()
+        [0, 2]
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1:
@@ -91,7 +135,12 @@ def select_rows(
     if not np.isfinite(scores).all():
         bad = np.flatnonzero(~np.isfinite(scores))[:10].tolist()
         raise ValueError(f"The scores of rows {bad} are not finite; recompute them before pruning.")
-    count = keep_count(keep, len(scores))
+    if (keep is None) == (threshold is None):
+        raise ValueError(
+            f"Give exactly one of `keep` (got {keep!r}) and `threshold` (got {threshold!r}): a fraction or row count "
+            "to keep, or the lowest score to keep."
+        )
+    count = keep_count(keep, len(scores)) if threshold is None else threshold_count(scores, threshold)
     if not class_balanced:
         return top_rows(scores, count)
 
@@ -105,10 +154,15 @@ def select_rows(
 
     emptied = [classes[index].item() for index in np.flatnonzero(quotas == 0)]
     if emptied:
-        logger.warning(
-            f"Keeping {count} of {len(scores)} rows class-balanced leaves no row of class(es) {emptied}. Keep more "
-            "rows to retain every class."
+        # Every class keeps a row once count * n_c / N >= 1 for the smallest class n_c, by the floor in the quotas.
+        enough = -(-len(scores) // int(sizes.min()))
+        message = (
+            f"Keeping {count} of {len(scores)} rows class-balanced leaves no row of class(es) {emptied}. Keep at "
+            f"least {enough} rows to retain every class"
         )
+        if not allow_empty_classes:
+            raise ValueError(f"{message}, or pass `allow_empty_classes=True` to drop those classes.")
+        logger.warning(f"{message}; dropping them because `allow_empty_classes` is set.")
 
     kept = []
     for index in range(len(classes)):

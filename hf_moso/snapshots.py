@@ -6,12 +6,14 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .parameters import optimizer_parameter_groups
+from .sharding import full_tensor, is_fsdp_model
 
 
 logger = logging.get_logger(__name__)
@@ -120,16 +122,17 @@ def snapshot_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Copy the parameters and persistent buffers of `model` to CPU, keyed by their names.
 
     Parameters come from `model.named_parameters()`, which lists a tied weight once, so the result holds no shared
-    storage and safetensors can write it.
+    storage and safetensors can write it. The shards of a sharded tensor (an FSDP2 `DTensor`) are gathered into the
+    full tensor, a collective operation that every process must join.
     """
-    state = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in model.named_parameters()}
+    state = {name: full_tensor(tensor).to("cpu", copy=True).contiguous() for name, tensor in model.named_parameters()}
     non_persistent = set()
     for module_name, module in model.named_modules():
         for buffer_name in getattr(module, "_non_persistent_buffers_set", ()):
             non_persistent.add(f"{module_name}.{buffer_name}" if module_name else buffer_name)
     for name, tensor in model.named_buffers():
         if name not in non_persistent and name not in state:
-            state[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            state[name] = full_tensor(tensor).to("cpu", copy=True).contiguous()
     return state
 
 
@@ -249,13 +252,18 @@ class SnapshotRecorder(TrainerCallback):
         if step not in self._planned:
             return
         learning_rates = [float(group["lr"]) for group in optimizer.param_groups]
+
+        # Gathering the shards of an FSDP2 model is a collective operation, so every process takes part in it.
+        if not state.is_world_process_zero and not is_fsdp_model(model):
+            return
+        tensors = snapshot_state(model)
         if not state.is_world_process_zero:
             return
 
         file_name = f"snapshot-step-{step:08d}.safetensors"
         path = os.path.join(self.folder, file_name)
         temporary = f"{path}.tmp-{os.getpid()}"
-        save_file(snapshot_state(model), temporary, metadata={"step": str(step)})
+        save_file(tensors, temporary, metadata={"step": str(step)})
         os.replace(temporary, path)
 
         snapshot = Snapshot(
@@ -270,3 +278,26 @@ class SnapshotRecorder(TrainerCallback):
         self.manifest.snapshots.sort(key=lambda entry: entry.step)
         write_manifest(self.folder, self.manifest)
         logger.info(f"Recorded MoSo snapshot of step {step} (learning rates {learning_rates}) in {path}.")
+
+
+def snapshot_shapes(folder: str, snapshot: Snapshot) -> dict[str, tuple[int, ...]]:
+    """
+    Read the tensor names and shapes of `snapshot` from its safetensors header, without reading the tensors.
+
+    Raises:
+        FileNotFoundError: when the snapshot file is missing.
+        ValueError: when the file is not a readable safetensors file.
+    """
+    path = os.path.join(folder, snapshot.file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"The snapshot of step {snapshot.step} is missing: {path}. Record the snapshots again by training."
+        )
+    try:
+        with safe_open(path, framework="pt") as stream:
+            return {name: tuple(stream.get_slice(name).get_shape()) for name in stream.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"The snapshot file {path} (step {snapshot.step}) is not a readable safetensors file ({error}); it is "
+            "corrupt. Record the snapshots again by training."
+        ) from error

@@ -1,15 +1,19 @@
 """`MoSoTrainer`: a `transformers.Trainer` that records MoSo snapshots and scores training rows."""
 
+import os
+
 import numpy as np
 from datasets import Dataset
-from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Subset
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import MoSoConfig
 from .dataset import SCORE_COLUMN, add_moso_scores, prune_dataset, resolve_label_column
+from .distributed import process_row_shard
+from .labels import check_labels
 from .parameters import select_parameters
-from .scoring import GradientStatisticsBackend, compute_moso_scores
+from .scoring import GradientStatisticsBackend, PartialResults, PerLayerBackend, compute_moso_scores
 from .snapshots import SnapshotRecorder, read_manifest
 
 
@@ -28,7 +32,13 @@ class MoSoTrainer(Trainer):
         args ([`MoSoConfig`], *optional*): training arguments plus the `moso_` fields. Defaults to
             `MoSoConfig(output_dir="trainer_output")`.
         scoring_backend ([`GradientStatisticsBackend`], *optional*): how per-row gradient statistics are computed.
-            Defaults to the per-row reference backend.
+            Defaults to [`PerLayerBackend`], which computes them layer by layer; `PerSampleGradientBackend` is the
+            slower row-at-a-time reference.
+        row_loss_function (`Callable[[nn.Module, dict], torch.Tensor]`, *optional*): the loss of every row of a
+            batch alone, shape `(B,)`. It serves models whose per-row loss has no batched form in `row_losses`,
+            which are the models other than transformers classification and language models. It is passed to the
+            default backend, which checks it against the model's own loss on the first batch. Without it such
+            models score one row per forward pass.
         All other arguments are those of `Trainer`.
 
     Example:
@@ -39,7 +49,15 @@ class MoSoTrainer(Trainer):
         ```
     """
 
-    def __init__(self, model=None, args: MoSoConfig | None = None, *trainer_args, scoring_backend=None, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args: MoSoConfig | None = None,
+        *trainer_args,
+        scoring_backend=None,
+        row_loss_function=None,
+        **kwargs,
+    ):
         # Arguments: MoSo fields live on the config, as TRL does for its trainers.
         if args is None:
             args = MoSoConfig(output_dir="trainer_output")
@@ -49,10 +67,17 @@ class MoSoTrainer(Trainer):
                 f"`args` must be a MoSoConfig, got {kind}. MoSoConfig accepts every TrainingArguments field, so "
                 "build it with the same keywords: MoSoConfig(output_dir=..., ...)."
             )
+        if scoring_backend is not None and row_loss_function is not None:
+            raise ValueError(
+                "Pass `row_loss_function` to the backend given as `scoring_backend` (for example "
+                "`PerLayerBackend(row_loss_function=...)`) instead of to the trainer."
+            )
         super().__init__(model, args, *trainer_args, **kwargs)
 
         # Scoring: the backend and a cache of scores per dataset fingerprint and snapshot set.
-        self.scoring_backend: GradientStatisticsBackend | None = scoring_backend
+        if scoring_backend is None:
+            scoring_backend = PerLayerBackend(row_loss_function=row_loss_function)
+        self.scoring_backend: GradientStatisticsBackend = scoring_backend
         self._score_cache: dict[tuple, np.ndarray] = {}
 
         # Callbacks: the snapshot recorder.
@@ -93,7 +118,7 @@ class MoSoTrainer(Trainer):
             raise ValueError("The dataset to score is empty. Pass a dataset with at least 2 rows.")
         return dataset
 
-    def compute_moso_scores(self, dataset=None) -> np.ndarray:
+    def compute_moso_scores(self, dataset=None, partial_results: str | PartialResults | None = None) -> np.ndarray:
         r"""
         Compute the MoSo score of every row of `dataset` (default: the training dataset).
 
@@ -103,6 +128,20 @@ class MoSoTrainer(Trainer):
         group), where l is the model's own loss on the row alone and grad L(S\z) the mean gradient of the other
         rows. Gradients are taken in eval mode over the parameters selected by `moso_parameters`. Higher scores
         mark rows whose removal would hurt more.
+
+        Args:
+            dataset: the rows to score; defaults to the training dataset.
+            partial_results: a folder (or a `PartialResults`) where each finished piece of the computation is saved
+                atomically, so that a call interrupted at any point, by SIGKILL too, resumes from the last piece
+                and returns the same scores as an uninterrupted call. A folder keys the pieces by the dataset's
+                `_fingerprint` and `moso_batch_size`, so it needs a `datasets.Dataset`. The folder is kept
+                afterwards; delete it once the scores are stored.
+
+        Under several processes (`accelerate launch`, `torchrun`) every process must call this method. Each scores
+        a contiguous run of whole batches of `moso_batch_size` rows, and every process returns all the scores,
+        equal to those of one process up to floating-point rounding. An FSDP2 model is scored through an unsharded
+        copy on each process. Forward passes run under the autocast that Accelerate applies for `bf16` or `fp16`
+        (Accelerate 1.16 applies none for `fp16` on CPU).
 
         Returns:
             `numpy.ndarray` of float64, one score per row in dataset row order, whatever order training visited the
@@ -114,7 +153,28 @@ class MoSoTrainer(Trainer):
         """
         dataset = self._resolve_dataset(dataset)
         folder = self.args.moso_snapshot_folder
+        if isinstance(dataset, Dataset):
+            # Invalid class ids would fail inside the loss, and on CUDA only as a device-side assertion.
+            label_name = next((name for name in ("labels", "label") if name in dataset.column_names), None)
+            if label_name is not None:
+                check_labels(dataset, label_name, self.accelerator.unwrap_model(self.model))
+
+        # Only the main process writes snapshots, so the others read the manifest once it is done.
+        self.accelerator.wait_for_everyone()
         manifest = read_manifest(folder)
+
+        if isinstance(partial_results, (str, os.PathLike)):
+            if not isinstance(dataset, Dataset):
+                raise TypeError(
+                    f"Resumable scoring identifies the rows by a `datasets.Dataset` fingerprint, got "
+                    f"{type(dataset).__name__}. Convert the rows with `Dataset.from_dict`, or pass a `PartialResults` "
+                    "with a fingerprint of your own."
+                )
+            partial_results = PartialResults(
+                os.fspath(partial_results),
+                dataset._fingerprint,
+                layout={"batch_size": self.args.moso_scoring_batch_size},
+            )
 
         cache_key = None
         if isinstance(dataset, Dataset):
@@ -124,22 +184,41 @@ class MoSoTrainer(Trainer):
 
         model = self.accelerator.unwrap_model(self.model)
         parameters = select_parameters(model, self.args.moso_parameters, manifest.parameter_groups)
-        dataloader = self._scoring_dataloader(dataset)
+
+        # With several processes each scores its own run of whole batches, without the repeated rows that
+        # `even_batches` or `DistributedSampler` would add; the engine adds up and gathers the results.
+        row_indices = None
+        local_rows = dataset
+        if self.accelerator.num_processes > 1:
+            row_indices = process_row_shard(
+                len(dataset),
+                self.args.moso_scoring_batch_size,
+                num_processes=self.accelerator.num_processes,
+                process_index=self.accelerator.process_index,
+            )
+            local_rows = dataset.select(row_indices) if isinstance(dataset, Dataset) else Subset(dataset, row_indices)
+        dataloader = self._scoring_dataloader(local_rows)
+        hide_progress = self.args.disable_tqdm or not self.is_local_process_zero()
 
         def batches():
-            for batch in logging.tqdm(dataloader, desc="MoSo rows", leave=False, disable=self.args.disable_tqdm):
+            for batch in logging.tqdm(dataloader, desc="MoSo rows", leave=False, disable=hide_progress):
                 yield self._prepare_inputs(batch)
 
-        scores = compute_moso_scores(
-            model,
-            batches,
-            num_rows=len(dataset),
-            snapshot_folder=folder,
-            snapshots=manifest.snapshots,
-            parameters=parameters,
-            backend=self.scoring_backend,
-            show_progress=not self.args.disable_tqdm,
-        )
+        # Forward passes run in the training's mixed precision (bf16 or fp16 autocast, none without), the same as
+        # a model prepared by Accelerate. Losses are never scaled: the backends differentiate their own row losses.
+        with self.accelerator.autocast():
+            scores = compute_moso_scores(
+                model,
+                batches,
+                num_rows=len(dataset),
+                snapshot_folder=folder,
+                snapshots=manifest.snapshots,
+                parameters=parameters,
+                backend=self.scoring_backend,
+                show_progress=not hide_progress,
+                partial_results=partial_results,
+                row_indices=row_indices,
+            )
         if cache_key is not None:
             self._score_cache[cache_key] = scores.copy()
         return scores
@@ -164,6 +243,7 @@ class MoSoTrainer(Trainer):
         class_balanced: bool = False,
         label_column: str | None = None,
         dataset: Dataset | None = None,
+        allow_empty_classes: bool = False,
     ) -> Dataset:
         """
         Keep the highest-scoring rows of `dataset` (default: the training dataset).
@@ -174,6 +254,8 @@ class MoSoTrainer(Trainer):
                 it only with that class's best rows.
             label_column: the class column for `class_balanced`; defaults to `label` or `labels`.
             dataset: the dataset to prune instead of the training dataset.
+            allow_empty_classes: with `class_balanced`, drop a class whose quota rounds to 0 rows with a warning,
+                instead of raising a `ValueError`.
 
         Returns:
             A `datasets.Dataset` of the kept rows, in their original order, with every original column and feature
@@ -185,7 +267,12 @@ class MoSoTrainer(Trainer):
             # Check the label column before the costly scoring pass.
             label_column = resolve_label_column(dataset, label_column)
         return prune_dataset(
-            dataset, self.compute_moso_scores(dataset), keep, class_balanced=class_balanced, label_column=label_column
+            dataset,
+            self.compute_moso_scores(dataset),
+            keep,
+            class_balanced=class_balanced,
+            label_column=label_column,
+            allow_empty_classes=allow_empty_classes,
         )
 
     @staticmethod

@@ -7,7 +7,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
-def tiny_bert(num_labels: int = 3, seed: int = 0) -> BertForSequenceClassification:
+def tiny_bert(num_labels: int = 3, seed: int = 0, dropout: float = 0.1) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=50,
@@ -17,8 +17,8 @@ def tiny_bert(num_labels: int = 3, seed: int = 0) -> BertForSequenceClassificati
         intermediate_size=32,
         max_position_embeddings=32,
         num_labels=num_labels,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     return BertForSequenceClassification(config)
 

@@ -20,6 +20,7 @@ class NonFiniteLossError(ValueError):
 
     def __init__(self, rows: list[int], what: str = "loss"):
         self.rows = rows
+        self.what = what
         shown = ", ".join(str(row) for row in rows[:10])
         more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
         super().__init__(

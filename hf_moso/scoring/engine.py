@@ -1,14 +1,21 @@
 """The MoSo estimator: per-row gradient statistics combined over weight snapshots."""
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..distributed import is_main_process
 from ..parameters import ScoredParameters
-from ..snapshots import Snapshot, load_snapshot
+from ..sharding import check_supported_sharding, is_fsdp_model, unshard_for_scoring
+from ..snapshots import Snapshot, load_snapshot, snapshot_shapes
 from .base import BatchFactory, GradientStatistics, GradientStatisticsBackend
+from .multiprocess import check_row_shares, shared_statistics
+from .partial_results import PartialResults
 from .per_sample import PerSampleGradientBackend
+from .resumable import resumable_statistics
 
 
 logger = logging.get_logger(__name__)
@@ -62,6 +69,10 @@ def _load_into(model_state: dict[str, torch.Tensor], tensors: dict[str, torch.Te
         if target is not None:
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
 
+    # An enclosing autocast context caches its low-precision copies of the weights until it exits, and in-place
+    # changes do not invalidate them: without this, forward passes would keep using the previous weights.
+    torch.clear_autocast_cache()
+
 
 def compute_moso_scores(
     model: nn.Module,
@@ -72,6 +83,8 @@ def compute_moso_scores(
     parameters: ScoredParameters,
     backend: GradientStatisticsBackend | None = None,
     show_progress: bool = True,
+    partial_results: PartialResults | None = None,
+    row_indices: Sequence[int] | None = None,
 ) -> np.ndarray:
     r"""
     Compute the MoSo score of every row:
@@ -92,6 +105,17 @@ def compute_moso_scores(
         parameters: the scored parameters of `model`.
         backend: how per-row gradient statistics are computed. Defaults to `PerSampleGradientBackend`.
         show_progress: show a progress bar over snapshots.
+        partial_results: where to save each finished piece (the gradient sum and chunks of rows of a snapshot, then
+            the snapshot's statistics) and find the pieces of an interrupted call with the same key; see
+            `PartialResults`. The folder is kept afterwards, so delete it once the scores are stored.
+        row_indices: the dataset positions of the rows that `batches()` yields on this process, in that order,
+            for scoring with several processes (see `process_row_shard`). The gradient sums of all processes are
+            added up so that gbar is the mean over all `num_rows` rows, and the per-row statistics are gathered
+            and checked to cover every row exactly once. Every process must then call this function, and every
+            process returns all the scores. `None`: `batches()` yields all rows, and no collective runs.
+
+    A model sharded with FSDP2 (`fully_shard`) is scored through an unsharded copy on every process (see
+    `unsharded_copy`), which gives the scores of the plain model.
 
     Returns:
         float64 array of shape `(num_rows,)`, in row order.
@@ -110,28 +134,66 @@ def compute_moso_scores(
                 f"the scored parameters belong to {parameters.num_groups} optimizer parameter groups."
             )
     backend = backend if backend is not None else PerSampleGradientBackend()
+    if row_indices is not None and partial_results is not None:
+        raise NotImplementedError(
+            "Resumable scoring (`partial_results`) runs in one process, and rows split between processes "
+            "(`row_indices`) cannot be resumed. Score without `partial_results` on several processes, or with it on "
+            "one process."
+        )
+    check_supported_sharding(model)
+    if is_fsdp_model(model):
+        model, parameters = unshard_for_scoring(model, parameters)
     logger.info(
         f"Scoring {num_rows} rows over {len(snapshots)} snapshots and {parameters.numel():,} parameters with the "
         f"{backend.name} backend."
     )
 
     model_state = _model_state(model)
+
+    # Read every snapshot header first, so that a missing snapshot or another architecture fails before hours of
+    # scoring instead of in the middle; checksums are verified when each snapshot is loaded.
+    scored_state = {name: model_state[name] for name in parameters.names}
+    for snapshot in snapshots:
+        shapes = snapshot_shapes(snapshot_folder, snapshot)
+        _check_compatible(
+            scored_state, {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}, snapshot.step
+        )
+    if row_indices is not None:
+        row_indices = check_row_shares(row_indices, num_rows, snapshots, parameters, parameters.tensors[0].device)
+    if partial_results is not None:
+        partial_results.open(num_rows, parameters.names, backend.name, type(model).__name__)
+
     trained_state = {name: tensor.detach().clone() for name, tensor in model_state.items()}
     was_training = model.training
     scores = np.zeros(num_rows, dtype=np.float64)
     try:
         model.eval()
-        for snapshot in logging.tqdm(snapshots, desc="MoSo snapshots", disable=not show_progress):
+        progress = logging.tqdm(snapshots, desc="MoSo snapshots", disable=not show_progress or not is_main_process())
+        for snapshot in progress:
+            statistics = None if partial_results is None else partial_results.load_statistics(snapshot)
+            if statistics is not None:
+                logger.info(f"Reusing the saved statistics of the snapshot of step {snapshot.step}.")
+                scores += moso_snapshot_scores(statistics, snapshot.learning_rates, num_rows)
+                continue
             tensors = load_snapshot(snapshot_folder, snapshot)
             _check_compatible({name: model_state[name] for name in parameters.names}, tensors, snapshot.step)
             _load_into(model_state, tensors)
             with torch.enable_grad():
-                statistics = backend.compute(model, batches, num_rows, parameters)
+                if row_indices is not None:
+                    statistics = shared_statistics(model, batches, parameters, backend, num_rows, row_indices)
+                elif partial_results is None:
+                    statistics = backend.compute(model, batches, num_rows, parameters)
+                else:
+                    statistics = resumable_statistics(
+                        model, batches, num_rows, parameters, backend, snapshot, partial_results
+                    )
             if statistics.mean_dot.shape[0] != num_rows:
                 raise RuntimeError(f"The batches held {statistics.mean_dot.shape[0]} rows, expected {num_rows}.")
             scores += moso_snapshot_scores(statistics, snapshot.learning_rates, num_rows)
     finally:
         _load_into(model_state, trained_state)
         model.train(was_training)
+        if partial_results is not None:
+            partial_results.close()
 
     return scores / len(snapshots)
