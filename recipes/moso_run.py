@@ -18,7 +18,7 @@ from datasets import ClassLabel, Dataset
 from transformers import EvalPrediction
 from transformers.utils import logging as hf_logging
 
-from hf_moso import MoSoConfig, PerSampleGradientBackend, keep_count, prune_dataset, scoring
+from hf_moso import MoSoConfig, PerLayerBackend, PerSampleGradientBackend, keep_count, prune_dataset, scoring
 from hf_moso.scoring import GradientStatisticsBackend
 
 
@@ -80,7 +80,7 @@ def scoring_backends() -> dict[str, type[GradientStatisticsBackend]]:
     return backends
 
 
-DEFAULT_BACKEND = PerSampleGradientBackend.name
+DEFAULT_BACKEND = PerLayerBackend.name
 
 
 @dataclass
@@ -92,9 +92,9 @@ class ScoringArguments:
     scoring_backend: str = field(
         default=DEFAULT_BACKEND,
         metadata={
-            "help": f"Backend that computes the per-row gradient statistics. {DEFAULT_BACKEND} takes one backward "
-            "pass per row; its cost per row grows with --moso_batch_size, so keep that small with it. Other "
-            "backends give the same scores by other routes and may prefer larger batches.",
+            "help": f"Backend that computes the per-row gradient statistics. {PerLayerBackend.name} (the default) "
+            f"works layer by layer without forming per-row gradients; {PerSampleGradientBackend.name} takes one "
+            "backward pass per row and its cost per row grows with --moso_batch_size. Both give the same scores.",
             "choices": sorted(scoring_backends()),
         },
     )

@@ -65,7 +65,7 @@ TRAINING_DEFAULTS = {
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
     "moso_num_snapshots": 5,
-    "moso_batch_size": 16,
+    "moso_batch_size": 32,
     "save_strategy": "no",
     "logging_steps": 50,
 }
