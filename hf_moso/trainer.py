@@ -176,14 +176,19 @@ class MoSoTrainer(Trainer):
                 layout={"batch_size": self.args.moso_scoring_batch_size},
             )
 
-        cache_key = None
-        if isinstance(dataset, Dataset):
-            cache_key = (dataset._fingerprint, tuple(s.sha256 for s in manifest.snapshots))
-            if cache_key in self._score_cache:
-                return self._score_cache[cache_key].copy()
-
         model = self.accelerator.unwrap_model(self.model)
         parameters = select_parameters(model, self.args.moso_parameters, manifest.parameter_groups)
+
+        # Scores depend on the rows, the snapshots and the scored parameters, so all three key the cache.
+        cache_key = None
+        if isinstance(dataset, Dataset):
+            cache_key = (
+                dataset._fingerprint,
+                tuple(snapshot.sha256 for snapshot in manifest.snapshots),
+                tuple(parameters.names),
+            )
+            if cache_key in self._score_cache:
+                return self._score_cache[cache_key].copy()
 
         # With several processes each scores its own run of whole batches, without the repeated rows that
         # `even_batches` or `DistributedSampler` would add; the engine adds up and gathers the results.
