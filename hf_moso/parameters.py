@@ -13,9 +13,9 @@ class ScoredParameters:
     """
     The parameters that enter the gradients of the MoSo score, with the optimizer parameter group of each.
 
-    `names[i]` is the name of `tensors[i]` in `model.named_parameters()` (which lists a tied weight once, under its
-    first name, so a tied weight is scored once) and `groups[i]` the index of the optimizer parameter group that
-    updates it, which selects the learning rate applied to it.
+    `names[i]` is the name of `tensors[i]` in `model.named_parameters()`. That listing names a tied weight once,
+    under its first name, so a tied weight is scored once. `groups[i]` is the index of the optimizer parameter group
+    that updates the tensor, which selects the learning rate applied to it.
     """
 
     names: list[str]
