@@ -40,7 +40,7 @@ class MoSoConfig(TrainingArguments):
             published MoSo code uses 10. Ignored when `moso_snapshot_steps` is given.
         moso_snapshot_steps (`list[int]`, *optional*):
             Explicit optimizer steps at which to record a snapshot, counted from 1 as `TrainerState.global_step`
-            counts them. The snapshot of step k holds the weights *before* step k together with the learning rate
+            counts them. The snapshot of step k contains the weights *before* step k together with the learning rate
             step k applied.
         moso_snapshot_dir (`str`, *optional*):
             Folder of the snapshots and of their `manifest.json`. Defaults to `<output_dir>/moso`, which checkpoint

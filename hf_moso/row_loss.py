@@ -20,16 +20,19 @@ TOKEN_LOSS_TYPES = {"ForTokenClassification", "ForMaskedLM"}
 SHIFTED_TOKEN_LOSS_TYPES = {"ForCausalLM", "ForConditionalGeneration"}
 
 
-def _batch_size(batch: Mapping) -> int:
+def count_rows(batch: Mapping) -> int:
+    """Return the number of rows of `batch`: the first dimension of its first tensor with one."""
     for value in batch.values():
         if torch.is_tensor(value) and value.dim() > 0:
             return value.shape[0]
-    raise ValueError(f"The batch holds no tensor with a batch dimension (keys: {sorted(batch)}).")
+    raise ValueError(
+        f"The batch contains no tensor with a batch dimension (keys: {sorted(batch)}). Check the data collator."
+    )
 
 
 def _row(batch: Mapping, index: int) -> dict:
-    """The batch restricted to row `index`, keeping the batch dimension (padding stays masked as it was)."""
-    size = _batch_size(batch)
+    """Restrict `batch` to row `index`, keeping the batch dimension (padding stays masked as it was)."""
+    size = count_rows(batch)
     row = {}
     for key, value in batch.items():
         if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size:
@@ -94,7 +97,7 @@ def _token_row_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -
 
 
 def has_closed_form(model: nn.Module) -> bool:
-    """Whether `row_losses` computes all rows of a batch in one forward pass for `model`."""
+    """Return whether `row_losses` computes all rows of a batch in one forward pass for `model`."""
     if "_loss_function" in vars(model):
         return False
     loss_type = getattr(model, "loss_type", None)
@@ -129,7 +132,7 @@ def row_losses(model: nn.Module, batch: Mapping) -> torch.Tensor:
 
 def batch_rows(batch: Mapping) -> list[dict]:
     """Split `batch` into batches of one row each, in order, keeping the batch dimension."""
-    return [_row(batch, index) for index in range(_batch_size(batch))]
+    return [_row(batch, index) for index in range(count_rows(batch))]
 
 
 def single_row_losses(model: nn.Module, batch: Mapping) -> torch.Tensor:

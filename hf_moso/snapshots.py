@@ -90,7 +90,7 @@ def read_manifest(folder: str) -> Manifest:
     Read the manifest of a snapshot folder.
 
     Raises:
-        FileNotFoundError: when the folder holds no `manifest.json`.
+        FileNotFoundError: when the folder contains no `manifest.json`.
         ValueError: when the manifest is not valid JSON or has an unknown format version.
     """
     path = os.path.join(folder, MANIFEST_NAME)
@@ -177,8 +177,8 @@ class SnapshotRecorder(TrainerCallback):
     Record MoSo snapshots while `Trainer` trains.
 
     At each planned optimizer step k, `on_pre_optimizer_step` runs after the gradients of step k are complete
-    (after every accumulated micro-batch) and before `optimizer.step()`, so the weights are still w_k and each
-    parameter group's `lr` is the rate that `optimizer.step()` is about to apply. The scheduler moves the rate
+    (after every accumulated micro-batch) and before `optimizer.step()`. The weights are therefore still w_k, and
+    each parameter group's `lr` is the rate that `optimizer.step()` is about to apply. The scheduler moves the rate
     only after `on_optimizer_step`, so this reading is right under warmup, decay, restarts and gradient
     accumulation.
 

@@ -190,8 +190,8 @@ class MoSoTrainer(Trainer):
             if cache_key in self._score_cache:
                 return self._score_cache[cache_key].copy()
 
-        # With several processes each scores its own run of whole batches, without the repeated rows that
-        # `even_batches` or `DistributedSampler` would add; the engine adds up and gathers the results.
+        # With several processes, each scores its own run of whole batches, without the repeated rows that
+        # `even_batches` or `DistributedSampler` would add. The engine adds up and gathers the results.
         row_indices = None
         local_rows = dataset
         if self.accelerator.num_processes > 1:

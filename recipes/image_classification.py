@@ -18,7 +18,6 @@ Example:
     python recipes/image_classification.py --output_dir outputs/digits
 """
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,9 +41,9 @@ from moso_run import (
     ThreadArguments,
     check_keep,
     compute_accuracy,
-    prune_and_save,
     sample_rows,
     setup_logging,
+    train_score_and_prune,
 )
 
 
@@ -315,30 +314,7 @@ def main():
         compute_metrics=compute_accuracy,
         scoring_backend=scoring_arguments.create_backend(),
     )
-    start = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - start
-    trainer.save_model()
-
-    eval_accuracy = None
-    if eval_pixels is not None:
-        eval_accuracy = trainer.evaluate()["eval_accuracy"]
-
-    # Scoring and pruning: scores follow the row order of the training rows.
-    start = time.perf_counter()
-    scores = trainer.compute_moso_scores()
-    score_seconds = time.perf_counter() - start
-
-    prune_and_save(
-        dataset,
-        scores,
-        pruning_arguments,
-        training_arguments.output_dir,
-        label_column=label_column,
-        train_seconds=train_seconds,
-        score_seconds=score_seconds,
-        eval_accuracy=eval_accuracy,
-    )
+    train_score_and_prune(trainer, dataset, pruning_arguments, label_column)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from argparse import ArgumentDefaultsHelpFormatter, RawDescriptionHelpFormatter
 from dataclasses import asdict, dataclass, field
 
@@ -18,7 +19,15 @@ from datasets import ClassLabel, Dataset
 from transformers import EvalPrediction
 from transformers.utils import logging as hf_logging
 
-from hf_moso import MoSoConfig, PerLayerBackend, PerSampleGradientBackend, keep_count, prune_dataset, scoring
+from hf_moso import (
+    MoSoConfig,
+    MoSoTrainer,
+    PerLayerBackend,
+    PerSampleGradientBackend,
+    keep_count,
+    prune_dataset,
+    scoring,
+)
 from hf_moso.scoring import GradientStatisticsBackend
 
 
@@ -278,3 +287,36 @@ def prune_and_save(
         json.dump(asdict(summary), stream, indent=2)
     print(summary.to_text(), flush=True)
     return summary
+
+
+def train_score_and_prune(
+    trainer: MoSoTrainer, dataset: Dataset, arguments: PruningArguments, label_column: str
+) -> RunSummary:
+    """
+    Train with `trainer`, save the model, evaluate it when it has an evaluation set, score every training row and
+    prune `dataset` (the training rows before tokenization or other preprocessing, in the same order).
+    """
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    trainer.save_model()
+
+    eval_accuracy = None
+    if trainer.eval_dataset is not None:
+        eval_accuracy = trainer.evaluate()["eval_accuracy"]
+
+    # Scores follow the row order of the training rows, which is also the order of `dataset`.
+    start = time.perf_counter()
+    scores = trainer.compute_moso_scores()
+    score_seconds = time.perf_counter() - start
+
+    return prune_and_save(
+        dataset,
+        scores,
+        arguments,
+        trainer.args.output_dir,
+        label_column=label_column,
+        train_seconds=train_seconds,
+        score_seconds=score_seconds,
+        eval_accuracy=eval_accuracy,
+    )

@@ -151,7 +151,7 @@ def compute_moso_scores(
     model_state = _model_state(model)
 
     # Read every snapshot header first, so that a missing snapshot or another architecture fails before hours of
-    # scoring instead of in the middle; checksums are verified when each snapshot is loaded.
+    # scoring instead of in the middle. Checksums are verified when each snapshot is loaded.
     scored_state = {name: model_state[name] for name in parameters.names}
     for snapshot in snapshots:
         shapes = snapshot_shapes(snapshot_folder, snapshot)

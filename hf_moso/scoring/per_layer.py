@@ -22,7 +22,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..parameters import ScoredParameters
-from ..row_loss import batch_rows, has_closed_form, row_losses, single_row_losses
+from ..row_loss import batch_rows, count_rows, has_closed_form, row_losses, single_row_losses
 from .base import (
     BatchFactory,
     GradientStatistics,
@@ -40,13 +40,6 @@ logger = logging.get_logger(__name__)
 
 RowLossFunction = Callable[[nn.Module, Mapping], torch.Tensor]
 """`row_loss_function(model, batch)` returns the loss of every row of `batch` alone, shape `(B,)`."""
-
-
-def _num_rows(batch: Mapping) -> int:
-    for value in batch.values():
-        if torch.is_tensor(value) and value.dim() > 0:
-            return value.shape[0]
-    raise ValueError(f"The batch holds no tensor with a batch dimension (keys: {sorted(batch)}).")
 
 
 class _StatisticsSink:
@@ -223,7 +216,7 @@ class PerLayerBackend(GradientStatisticsBackend):
             plan = self._plan(model, parameters)
             position = 0
             for unit in self._units(model, batches()):
-                size = _num_rows(unit)
+                size = count_rows(unit)
                 if size == 0:
                     continue
                 self._check_row_loss_function(model, plan, unit)
@@ -272,7 +265,7 @@ class PerLayerBackend(GradientStatisticsBackend):
             else:
                 position = 0
                 for unit in self._units(model, batches()):
-                    size = _num_rows(unit)
+                    size = count_rows(unit)
                     if size == 0:
                         continue
                     self._check_row_loss_function(model, plan, unit)
@@ -309,7 +302,7 @@ class PerLayerBackend(GradientStatisticsBackend):
 
     def _record(self, model, plan, parameters, unit, on_complete) -> tuple[torch.Tensor, UnitRecorder, torch.Tensor]:
         """Run the forward pass with hooks, moving modules that turn out not to be row-wise to the row path first."""
-        size = _num_rows(unit)
+        size = count_rows(unit)
         while True:
             anchor = torch.zeros((), dtype=torch.float32, device=parameters.tensors[0].device, requires_grad=True)
             recorder = UnitRecorder(plan, size, anchor, on_complete)
@@ -358,7 +351,7 @@ class PerLayerBackend(GradientStatisticsBackend):
 
     def _unit_statistics(self, model, plan, parameters, unit, position, means):
         """Return gbar . g_z and |g_z|^2 per parameter group for the rows of one batch, each `(B, G)` float64."""
-        size = _num_rows(unit)
+        size = count_rows(unit)
         sink = None
 
         def on_complete(call: RecordedCall) -> None:
@@ -476,7 +469,7 @@ class PerLayerBackend(GradientStatisticsBackend):
         if self.row_loss_function is None:
             return row_losses(model, batch)
         losses = self.row_loss_function(model, batch)
-        size = _num_rows(batch)
+        size = count_rows(batch)
         if not torch.is_tensor(losses) or losses.shape != (size,):
             shape = tuple(losses.shape) if torch.is_tensor(losses) else type(losses).__name__
             raise ValueError(

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..parameters import ScoredParameters
-from ..row_loss import _batch_size
+from ..row_loss import count_rows
 from ..snapshots import Snapshot
 from .base import BatchFactory, GradientStatistics, GradientStatisticsBackend, NonFiniteLossError
 from .partial_results import PartialResults
@@ -52,7 +52,7 @@ class _ChunkBatches:
             if batch is None:
                 self.exhausted = True
                 return
-            self.rows += _batch_size(batch)
+            self.rows += count_rows(batch)
             yield batch
 
     def drain(self) -> None:
@@ -69,7 +69,7 @@ def _skip_rows(iterator: Iterator[Mapping], count: int, start: int) -> None:
         batch = next(iterator, None)
         if batch is None:
             raise RuntimeError(f"The batches ended before row {start + count} of a saved chunk of rows.")
-        skipped += _batch_size(batch)
+        skipped += count_rows(batch)
     if skipped != count:
         raise RuntimeError(
             f"A saved chunk of rows ends at row {start + count}, inside a batch of this job; the batch size changed "
