@@ -226,6 +226,24 @@ def test_outer_product_both_norm_forms(prefer_gram, monkeypatch):
     torch.testing.assert_close(gradient.squared_norm(), (materialized**2).flatten(1).sum(1))
 
 
+@pytest.mark.parametrize("prefer_gram", [True, False], ids=["unfolded_gram", "grouped_weight_gradient"])
+def test_convolution_both_forms(prefer_gram, monkeypatch):
+    from hf_moso.scoring.layers import convolution
+    from hf_moso.scoring.row_gradients import ConvolutionRowGradient
+
+    monkeypatch.setattr(convolution, "prefers_gram", lambda *shape: prefer_gram)
+    # One row per chunk, so that the grouped weight-gradient form also runs over several chunks.
+    monkeypatch.setattr(ConvolutionRowGradient, "materialize_bytes", 1)
+    torch.manual_seed(4)
+    mismatches = []
+    for case, make_module, make_inputs in CASES:
+        if case.startswith("conv"):
+            for dtype in (torch.float64, torch.float32):
+                mismatches += _check_rule(case, make_module(), make_inputs(5), dtype)
+            mismatches += _check_rule(f"{case} (empty batch)", make_module(), make_inputs(0), torch.float64)
+    assert not mismatches, "Convolution forms differ from the batch-of-one reference:\n" + "\n".join(mismatches)
+
+
 def test_gram_cache_shares_one_input():
     torch.manual_seed(3)
     inputs = torch.randn(2, 1, 4, 3)

@@ -440,6 +440,30 @@ def test_cache_skips_second_forward_pass(max_cache_bytes, passes):
     assert len(forward_calls) == 3 * passes
 
 
+def test_overflowed_cache_is_not_collected_again(monkeypatch):
+    model = _perturb(tiny_bert())
+    parameters = select_parameters(model)
+    batches = _bert_batches(4)
+    too_small, off = PerLayerBackend(max_cache_bytes=4096), PerLayerBackend(max_cache_bytes=0)
+    first = _statistics(too_small, model, batches, parameters, 11)
+    _statistics(off, model, batches, parameters, 11)
+    rule_calls = []
+    apply_rule = PerLayerBackend._apply_rule
+    monkeypatch.setattr(
+        PerLayerBackend, "_apply_rule", staticmethod(lambda call, sink: rule_calls.append(1) or apply_rule(call, sink))
+    )
+
+    second = _statistics(too_small, model, batches, parameters, 11)
+    calls_with_small_cache = len(rule_calls)
+    rule_calls.clear()
+    _statistics(off, model, batches, parameters, 11)
+
+    # The second snapshot runs the layer rules in pass 2 only, as without a cache, and gives the same statistics.
+    assert calls_with_small_cache == len(rule_calls) > 0
+    np.testing.assert_array_equal(second.mean_dot, first.mean_dot)
+    np.testing.assert_array_equal(second.squared_norm, first.squared_norm)
+
+
 def test_config_rejects_unknown_preset(tmp_path):
     from hf_moso import MoSoConfig
 

@@ -199,6 +199,7 @@ class PerLayerBackend(GradientStatisticsBackend):
         self._warned_row_by_row: set[int] = set()
         self._logged_no_cache = False
         self._cache: _RowGradientCache | None = None
+        self._overflowed_key: tuple | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # Passes
@@ -211,7 +212,11 @@ class PerLayerBackend(GradientStatisticsBackend):
         max_cache_bytes = self.max_cache_bytes
         if max_cache_bytes is None:
             max_cache_bytes = 2 * sum(tensor.numel() * tensor.element_size() for tensor in model.parameters())
-        cache = _RowGradientCache(max_cache_bytes) if max_cache_bytes > 0 else None
+        # The size of the row gradients depends on the rows' shapes alone, so rows that overflowed the cache at one
+        # snapshot overflow it at every snapshot: those skip collecting, which would cost pass 1 work for nothing.
+        overflow_key = (batches, self._plan_key(model, parameters), max_cache_bytes)
+        use_cache = max_cache_bytes > 0 and self._overflowed_key != overflow_key
+        cache = _RowGradientCache(max_cache_bytes) if use_cache else None
         with self._scoring_mode(model, parameters):
             plan = self._plan(model, parameters)
             position = 0
@@ -231,6 +236,7 @@ class PerLayerBackend(GradientStatisticsBackend):
                     total += grad.to(torch.float64)
                 if cache is not None:
                     if plan.row_fallback or sink.overflowed or not cache.add(size, sink.collected):
+                        self._overflowed_key = overflow_key
                         if not self._logged_no_cache:
                             self._logged_no_cache = True
                             logger.info(

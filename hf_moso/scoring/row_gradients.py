@@ -52,6 +52,21 @@ def _row_dot(values: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bi,bi->b", flat, other.reshape(rows, size).to(flat.dtype)).to(torch.float64)
 
 
+def prefers_gram(positions: int, size_p: int, size_q: int) -> bool:
+    """
+    Whether the Gram form of |g_z|^2 for a sum of `positions` outer products of sizes P and Q costs less than
+    forming g_z: S^2 (P + Q) against S P Q multiply-adds.
+    """
+    return positions * positions * (size_p + size_q) <= positions * size_p * size_q
+
+
+def _chunks(num_rows: int, row_bytes: int, max_bytes: int):
+    """Slices over `num_rows` rows with at most `max_bytes` bytes of `row_bytes` each (at least one row)."""
+    step = max(1, max_bytes // max(1, row_bytes))
+    for start in range(0, num_rows, step):
+        yield slice(start, start + step)
+
+
 class GramCache:
     """
     Gram matrices t @ t^T of the most recent factor tensors of one batch.
@@ -213,15 +228,11 @@ class OuterProductRowGradient(RowGradient):
 
     def _prefers_gram(self) -> bool:
         _, size_p, size_q = self._group_shape
-        positions = self.left.shape[2]
-        return positions * positions * (size_p + size_q) <= positions * size_p * size_q
+        return prefers_gram(self.left.shape[2], size_p, size_q)
 
     def _row_chunks(self):
         groups, size_p, size_q = self._group_shape
-        row_bytes = max(1, groups * size_p * size_q * self.left.element_size())
-        step = max(1, self.materialize_bytes // row_bytes)
-        for start in range(0, self.num_rows, step):
-            yield slice(start, start + step)
+        return _chunks(self.num_rows, groups * size_p * size_q * self.left.element_size(), self.materialize_bytes)
 
     def _materialize_rows(self, rows: slice) -> torch.Tensor:
         # (b, g, s, p)^T @ (b, g, s, q) -> (b, g, p, q)
@@ -280,6 +291,123 @@ class OuterProductRowGradient(RowGradient):
 
     def detach(self) -> "OuterProductRowGradient":
         return OuterProductRowGradient(self.left.detach(), self.right.detach(), self.shape)
+
+
+class ConvolutionRowGradient(RowGradient):
+    r"""
+    The weight gradients of a 2D convolution (a 1D one is given height 1), kept as the layer's inputs and output
+    gradients and formed a chunk of rows at a time.
+
+    Shapes: inputs x (B, C, H, W) already padded as the layer pads them, output gradients b (B, O, H', W'), weight
+    (O, C/G, kh, kw) for G groups. Row z's gradient is the weight gradient of the convolution of x[z] alone,
+
+        g_z = dW conv(x[z], W; stride, dilation, G) given output gradient b[z]              (O, C/G, kh, kw)
+
+    and the rows of a chunk of n rows are formed by one weight-gradient call of a convolution with n G groups over
+    the chunk's rows stacked along the channels, x as (1, n C, H, W) and b as (1, n O, H', W'). That is the same
+    arithmetic as the unfolded outer-product form (cost L O C K / G per row for L output positions and K = kh kw),
+    without writing the (C K, L) patches of every row to memory.
+
+        dot(M)[z]         = sum g_z * M                                                    (M (O, C/G, kh, kw))
+        squared_norm()[z] = sum g_z ** 2
+    """
+
+    materialize_bytes = 64 * 2**20
+
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        output_grad: torch.Tensor,
+        shape: torch.Size,
+        stride: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ):
+        if inputs.dim() != 4 or output_grad.dim() != 4 or inputs.shape[0] != output_grad.shape[0]:
+            raise ValueError(
+                f"A convolution gradient needs inputs (B, C, H, W) and output gradients (B, O, H', W') with equal B, "
+                f"got {tuple(inputs.shape)} and {tuple(output_grad.shape)}."
+            )
+        dtype = _working_dtype(inputs, output_grad)
+        self.inputs = inputs.to(dtype)
+        self.output_grad = output_grad.to(dtype)
+        self.shape = torch.Size(shape)
+        self.stride = tuple(stride)
+        self.dilation = tuple(dilation)
+        self.groups = groups
+
+    @property
+    def num_rows(self) -> int:
+        return self.inputs.shape[0]
+
+    def _weight_grad(self, inputs: torch.Tensor, output_grad: torch.Tensor, groups: int) -> torch.Tensor:
+        """The weight gradient of a convolution with `groups` groups; the weight's values are not read."""
+        channels_out, kernel = output_grad.shape[1], self.shape[2:]
+        weight_shape = (channels_out, inputs.shape[1] // groups, *([1] * (2 - len(kernel))), *kernel)
+        weight = output_grad.new_empty(1).expand(weight_shape)
+        return torch.ops.aten.convolution_backward(
+            output_grad,
+            inputs,
+            weight,
+            None,
+            list(self.stride),
+            [0, 0],
+            list(self.dilation),
+            False,
+            [0, 0],
+            groups,
+            [False, True, False],
+        )[1]
+
+    def _materialize_rows(self, rows: slice) -> torch.Tensor:
+        inputs, output_grad = self.inputs[rows], self.output_grad[rows]
+        count = inputs.shape[0]
+        if count == 0:
+            return inputs.new_zeros(0, *self.shape)
+        stacked = self._weight_grad(
+            inputs.reshape(1, -1, *inputs.shape[2:]),
+            output_grad.reshape(1, -1, *output_grad.shape[2:]),
+            count * self.groups,
+        )
+        return stacked.reshape(count, *self.shape)
+
+    def _row_chunks(self):
+        return _chunks(self.num_rows, self.shape.numel() * self.inputs.element_size(), self.materialize_bytes)
+
+    def materialize(self) -> torch.Tensor:
+        return self._materialize_rows(slice(None))
+
+    def statistics(self, mean: torch.Tensor, grams: GramCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        per_row = mean.dim() != len(self.shape)
+        mean = mean.to(self.inputs.dtype)
+        dots, norms = [], []
+        for rows in self._row_chunks():
+            gradient = self._materialize_rows(rows)
+            dots.append(_row_dot(gradient, mean[rows] if per_row else mean))
+            norms.append(_row_dot(gradient, gradient))
+        empty = torch.zeros(0, dtype=torch.float64)
+        return (torch.cat(dots) if dots else empty), (torch.cat(norms) if norms else empty)
+
+    def dot(self, mean: torch.Tensor) -> torch.Tensor:
+        return self.statistics(mean)[0]
+
+    def squared_norm(self, grams: GramCache | None = None) -> torch.Tensor:
+        parts = [_row_dot(gradient, gradient) for gradient in map(self._materialize_rows, self._row_chunks())]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+    def sum_rows(self, rows: slice = slice(None)) -> torch.Tensor:
+        inputs, output_grad = self.inputs[rows], self.output_grad[rows]
+        if inputs.shape[0] == 0:
+            return inputs.new_zeros(self.shape)
+        return self._weight_grad(inputs, output_grad, self.groups).reshape(self.shape)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.inputs, self.output_grad]
+
+    def detach(self) -> "ConvolutionRowGradient":
+        return ConvolutionRowGradient(
+            self.inputs.detach(), self.output_grad.detach(), self.shape, self.stride, self.dilation, self.groups
+        )
 
 
 class EmbeddingRowGradient(RowGradient):

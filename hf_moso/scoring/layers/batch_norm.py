@@ -26,15 +26,18 @@ def batch_norm_row_gradients(
     Shapes: input x (B, C, *L), output gradients b (B, C, *L) flattened to (B, C, L), weight w (C,), bias (C,).
 
         g_w(z)[c]    = sum_l b[z, c, l] * xhat[z, c, l]                   (C,)   materialized
+                     = sum_l b[z, c, l] (x[z, c, l] - running_mean[c]) / sqrt(running_var[c] + eps)
         g_bias(z)[c] = sum_l b[z, c, l]                                   (C,)   materialized
+
+    The sum over l is a batched dot product, so the only (B, C, L) temporary is x - running_mean.
     """
     output_grad = rows_by_channels(call.output_grad)
     gradients: dict[str, RowGradient] = {}
     if "weight" in names:
         inputs = rows_by_channels(call.input())
         scale = torch.rsqrt(module.running_var + module.eps).to(inputs.dtype)
-        normalized = (inputs - module.running_mean.to(inputs.dtype).unsqueeze(-1)) * scale.unsqueeze(-1)
-        gradients["weight"] = DenseRowGradient((output_grad * normalized).sum(dim=2))
+        centered = inputs - module.running_mean.to(inputs.dtype).unsqueeze(-1)
+        gradients["weight"] = DenseRowGradient(torch.einsum("bcl,bcl->bc", output_grad, centered) * scale)
     if "bias" in names:
         gradients["bias"] = DenseRowGradient(output_grad.sum(dim=2))
     return gradients
