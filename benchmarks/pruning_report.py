@@ -181,7 +181,9 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
         keeps = sorted({keep for per_keep in per_method.values() for keep in per_keep}, reverse=True)
         seeds = sorted({seed for per_keep in per_method.values() for runs in per_keep.values() for seed in runs})
         score_seeds = sorted({row["seed"] for row in full.get(dataset, [])})
-        methods = full[dataset][0]["settings"]["methods"] if full.get(dataset) else list(METHOD_LABELS)
+        # The methods that have results: the scoring run's own `--methods` may differ when several processes share
+        # one results file.
+        methods = [method for method in METHOD_LABELS if method in per_method]
         expected = len(EXPECTED_KEEP) * len(methods) * max(len(seeds), 3)
         done = sum(len(per_keep[keep]) for per_keep in per_method.values() for keep in per_keep)
         lines += [f"## {DATASET_LABELS[dataset]}", ""]
