@@ -6,7 +6,7 @@ from torch.nn import functional as F
 from transformers.utils import logging
 
 from ..snapshots import read_manifest
-from .snapshot_selection import classification_logits_and_labels, early_snapshots, snapshot_weights
+from .snapshot_selection import average_over_snapshots, classification_logits_and_labels, early_snapshots
 
 
 logger = logging.get_logger(__name__)
@@ -48,18 +48,15 @@ def compute_el2n_scores(
     dataloader = trainer._scoring_dataloader(dataset)
     logger.info(f"EL2N over {len(dataset)} rows at the snapshots of steps {[s.step for s in snapshots]}.")
 
-    total = np.zeros(len(dataset), dtype=np.float64)
-    for snapshot in snapshots:
+    @torch.no_grad()
+    def error_norms() -> np.ndarray:
         norms = []
-        with snapshot_weights(model, folder, snapshot), torch.no_grad():
-            for batch in dataloader:
-                batch = trainer._prepare_inputs(batch)
-                logits, labels = classification_logits_and_labels(model(**batch), batch)
-                probabilities = torch.softmax(logits.double(), dim=-1)
-                error = probabilities - F.one_hot(labels, probabilities.shape[-1]).double()
-                norms.append(torch.linalg.vector_norm(error, dim=-1).cpu().numpy())
-        per_row = np.concatenate(norms) if norms else np.zeros(0)
-        if per_row.shape[0] != len(dataset):
-            raise RuntimeError(f"The scoring batches held {per_row.shape[0]} rows, expected {len(dataset)}.")
-        total += per_row
-    return total / len(snapshots)
+        for batch in dataloader:
+            batch = trainer._prepare_inputs(batch)
+            logits, labels = classification_logits_and_labels(model(**batch), batch)
+            probabilities = torch.softmax(logits.double(), dim=-1)
+            error = probabilities - F.one_hot(labels, probabilities.shape[-1]).double()
+            norms.append(torch.linalg.vector_norm(error, dim=-1).cpu().numpy())
+        return np.concatenate(norms) if norms else np.zeros(0)
+
+    return average_over_snapshots(model, folder, snapshots, len(dataset), error_norms)

@@ -7,7 +7,7 @@ from transformers.utils import logging
 from ..parameters import select_parameters
 from ..scoring.per_sample import PerSampleGradientBackend
 from ..snapshots import read_manifest
-from .snapshot_selection import early_snapshots, snapshot_weights
+from .snapshot_selection import average_over_snapshots, early_snapshots
 
 
 logger = logging.get_logger(__name__)
@@ -60,11 +60,10 @@ def compute_grand_scores(
 
     # Against a zero mean gradient, `row_statistics` skips the mean pass and still returns |g_z|^2 per group.
     zero_mean = [torch.zeros_like(tensor, dtype=torch.float64) for tensor in parameters.tensors]
-    total = np.zeros(len(dataset), dtype=np.float64)
-    for snapshot in snapshots:
-        with snapshot_weights(model, folder, snapshot), torch.enable_grad():
-            statistics = backend.row_statistics(model, batches, parameters, zero_mean)
-        if statistics.squared_norm.shape[0] != len(dataset):
-            raise RuntimeError(f"The scoring batches held {statistics.squared_norm.shape[0]} rows, expected {len(dataset)}.")
-        total += np.sqrt(statistics.squared_norm.sum(axis=1))
-    return total / len(snapshots)
+
+    @torch.enable_grad()
+    def gradient_norms() -> np.ndarray:
+        statistics = backend.row_statistics(model, batches, parameters, zero_mean)
+        return np.sqrt(statistics.squared_norm.sum(axis=1))
+
+    return average_over_snapshots(model, folder, snapshots, len(dataset), gradient_norms)

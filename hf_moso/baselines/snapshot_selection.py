@@ -1,8 +1,9 @@
 """The recorded snapshots that a snapshot-based baseline score averages over, and running code at their weights."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,6 +63,25 @@ def snapshot_weights(model: nn.Module, folder: str, snapshot: Snapshot) -> Itera
     finally:
         _load_into(model_state, trained_state)
         model.train(was_training)
+
+
+def average_over_snapshots(
+    model: nn.Module, folder: str, snapshots: list[Snapshot], num_rows: int, score: Callable[[], np.ndarray]
+) -> np.ndarray:
+    """
+    Average the per-row scores that `score()` returns while `model` holds each snapshot's weights (in eval mode).
+
+    Raises:
+        RuntimeError: when one call of `score()` returns other than `num_rows` values, the number of dataset rows.
+    """
+    total = np.zeros(num_rows, dtype=np.float64)
+    for snapshot in snapshots:
+        with snapshot_weights(model, folder, snapshot):
+            per_row = score()
+        if per_row.shape[0] != num_rows:
+            raise RuntimeError(f"The scoring batches held {per_row.shape[0]} rows, expected {num_rows}.")
+        total += per_row
+    return total / len(snapshots)
 
 
 def classification_logits_and_labels(outputs, batch) -> tuple[torch.Tensor, torch.Tensor]:
