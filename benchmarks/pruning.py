@@ -531,7 +531,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + LATE_METHODS)
     parser.add_argument(
-        "--epochs", type=float, default=None, help="Training epochs (default: 2 mnist, 2 trec, 5 trec-frozen)."
+        "--epochs", type=float, default=None, help="Training epochs (default: 2 mnist, 1 trec, 5 trec-frozen)."
     )
     parser.add_argument(
         "--batch_size", type=int, default=None, help="Training batch size (default: 64 mnist, 32 trec and trec-frozen)."
@@ -573,7 +573,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--report_name", default="pruning.md", help="File name of the report in docs/.")
     parser.add_argument("--report", action="store_true", help="Write docs/pruning.md and the plot from --results.")
     settings = parser.parse_args(argv)
-    defaults = {"mnist": (2, 64, 2e-3), "trec": (2, 32, 1e-4), "trec-frozen": (5, 32, 1e-3)}
+    defaults = {"mnist": (2, 64, 2e-3), "trec": (1, 32, 1e-4), "trec-frozen": (5, 32, 1e-3)}
     if settings.dataset is not None:
         epochs, batch_size, learning_rate = defaults[settings.dataset]
         settings.epochs = settings.epochs if settings.epochs is not None else epochs

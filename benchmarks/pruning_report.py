@@ -311,7 +311,7 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
         "## Setup and limits",
         "",
         "- Cuts made to fit the CPU time of a 2-core machine: MNIST trains 1 epoch with an 8-channel CNN; TREC",
-        "  fine-tunes MiniLM for 2 epochs; the main tables score once (seed 0) and repeat the pruned training with 3",
+        "  fine-tunes MiniLM for 1 epoch; the main tables score once (seed 0) and repeat the pruned training with 3",
         "  seeds; MoSo uses 5 snapshots there (the published MoSo code uses 10, see the variants).",
         "- Threads: the torch threads of each scoring run are listed with its timings. The trec-frozen scoring run of",
         "  `docs/pruning.md` ran with 2 torch threads at a load average near 10; on that loaded 2-core machine 2 threads",
