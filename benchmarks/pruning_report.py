@@ -297,6 +297,7 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
                 "",
             ]
     variants = {
+        "pruning_trec_finetuned.md": "TREC with MiniLM fine-tuned as a whole (its page says how many runs finished)",
         "pruning_trec_10_snapshots.md": "TREC with a head on frozen MiniLM embeddings, 10 MoSo snapshots and one "
         "scoring run per seed",
         "pruning_trec_late_snapshots.md": "TREC with a head on frozen MiniLM embeddings, MoSo averaged over the "

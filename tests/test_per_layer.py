@@ -1,5 +1,6 @@
 """PerLayerBackend against the row-at-a-time reference on tiny models: padding, tied weights, fallbacks, presets."""
 
+import gc
 import logging as std_logging
 
 import numpy as np
@@ -462,6 +463,34 @@ def test_overflowed_cache_is_not_collected_again(monkeypatch):
     assert calls_with_small_cache == len(rule_calls) > 0
     np.testing.assert_array_equal(second.mean_dot, first.mean_dot)
     np.testing.assert_array_equal(second.squared_norm, first.squared_norm)
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    storages = {}
+    for candidate in gc.get_objects():
+        if isinstance(candidate, torch.Tensor):
+            storage = candidate.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("max_cache_bytes", [0, None], ids=["no_cache", "default_cache"])
+def test_batches_release_activations(max_cache_bytes):
+    model = _perturb(tiny_bert())
+    parameters = select_parameters(model)
+    batches = _bert_batches(4)
+    backend = PerLayerBackend(max_cache_bytes=max_cache_bytes)
+    _statistics(backend, model, batches, parameters, 11)
+    zero_mean = [torch.zeros_like(tensor, dtype=torch.float64) for tensor in parameters.tensors]
+    before = _live_tensor_bytes()
+
+    _statistics(backend, model, batches, parameters, 11)
+    with torch.enable_grad():
+        backend.row_statistics(model, batches, parameters, zero_mean)
+
+    # Nothing of the batches' activations, layer factors or graphs outlives the calls.
+    assert _live_tensor_bytes() <= before
 
 
 def test_config_rejects_unknown_preset(tmp_path):

@@ -316,6 +316,7 @@ class PerLayerBackend(GradientStatisticsBackend):
             losses = self._forward(model, plan, unit, recorder)
             if not recorder.not_row_wise:
                 return losses, recorder, anchor
+            recorder.close()
             for route in list(plan.routes):
                 if route.name in recorder.not_row_wise:
                     reason = f"`{route.name}` cannot be split into rows: {recorder.not_row_wise[route.name]}"
@@ -350,6 +351,7 @@ class PerLayerBackend(GradientStatisticsBackend):
                 grads = self._parameter_grads(losses.sum(), inputs, retain_graph=False)
             for call in recorder.fallback_calls:
                 self._apply_fallback(call, sink, losses.shape[0])
+            recorder.close()
         grads = grads[: len(parameters.tensors)]
 
         if checking:
@@ -374,6 +376,7 @@ class PerLayerBackend(GradientStatisticsBackend):
                 torch.autograd.grad(losses.sum(), [anchor], retain_graph=bool(plan.row_fallback), allow_unused=True)
             for call in recorder.fallback_calls:
                 self._apply_fallback(call, sink, size)
+        recorder.close()
 
         if plan.row_fallback:
             tensors = [parameters.tensors[index] for index in plan.row_fallback]

@@ -168,6 +168,20 @@ class UnitRecorder:
 
         return receive
 
+    def close(self) -> None:
+        """
+        Drop the recorded calls and the completion callback once the batch is done.
+
+        The autograd graph keeps each `GradientTap` backward context, and through its receiver this recorder, alive
+        for as long as any tensor of the graph is referenced. The calls' activations and what `on_complete` reaches
+        reference such tensors. That cycle runs through the graph, where Python's garbage collector cannot see it,
+        so without `close` every batch's activations would stay in memory.
+        """
+        for call in self.calls:
+            call.release()
+        self.calls = []
+        self.on_complete = None
+
     @property
     def fallback_calls(self) -> list[RecordedCall]:
         return [call for call in self.calls if call.route.rule is None and call.output_grads]

@@ -84,7 +84,8 @@ class GramCache:
         key = (factor.data_ptr(), tuple(factor.shape), factor.stride(), factor.dtype, factor.device)
         entry = self._entries.pop(key, None)
         if entry is None:
-            entry = (factor, factor @ factor.transpose(-1, -2))
+            # The detached view keeps the storage alive without holding on to the autograd graph.
+            entry = (factor.detach(), factor @ factor.transpose(-1, -2))
         self._entries[key] = entry
         while len(self._entries) > self.size:
             self._entries.pop(next(iter(self._entries)))
