@@ -69,7 +69,7 @@ def average_over_snapshots(
     model: nn.Module, folder: str, snapshots: list[Snapshot], num_rows: int, score: Callable[[], np.ndarray]
 ) -> np.ndarray:
     """
-    Average the per-row scores that `score()` returns while `model` holds each snapshot's weights (in eval mode).
+    Average the per-row scores that `score()` returns while `model` has each snapshot's weights loaded (in eval mode).
 
     Raises:
         RuntimeError: when one call of `score()` returns other than `num_rows` values, the number of dataset rows.
