@@ -113,6 +113,9 @@ def run_worker(arguments) -> None:
         with open(arguments.output, "w") as stream:
             json.dump(result, stream)
 
+    # A gloo process group still up when the interpreter exits can abort the process, so close it first.
+    trainer.accelerator.end_training()
+
 
 def threads_per_process(arguments, num_processes: int) -> int:
     if arguments.threads is not None:

@@ -167,17 +167,19 @@ def check_keep(keep: float | int, num_rows: int) -> int:
         raise ValueError(f"Invalid --keep for a training set of {num_rows} rows: {error}") from error
 
 
-def setup_logging(log_level: int) -> None:
+def setup_logging(log_level: int, is_main_process: bool = True) -> None:
     """
-    Send the recipe's and hf_moso's messages to stdout at INFO, and set transformers and datasets to `log_level`.
+    Send the recipe's and hf_moso's messages to stdout, and set transformers and datasets to `log_level`.
 
-    A script may configure logging; the library modules only create loggers.
+    The main process logs at INFO; the other processes of a multi-process run log at `log_level`
+    (`TrainingArguments.get_process_log_level()`, WARNING by default), so that each message appears once. A script
+    may configure logging; the library modules only create loggers.
     """
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
-        level=logging.INFO,
+        level=logging.INFO if is_main_process else log_level,
     )
     hf_logging.set_verbosity(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -256,18 +258,20 @@ def prune_and_save(
     train_seconds: float,
     score_seconds: float,
     eval_accuracy: float | None = None,
+    write: bool = True,
 ) -> RunSummary:
     """
     Prune `dataset` by `scores`, save the kept rows with `save_to_disk`, print the summary and write it as JSON.
 
     The saved dataset contains the kept rows of `dataset` in their original order, every column unchanged, plus the
-    float64 `moso_score` column.
+    float64 `moso_score` column. With `write=False` (every process but the main one) nothing is saved or printed.
     """
     pruned = prune_dataset(
         dataset, scores, arguments.keep_value, class_balanced=arguments.class_balanced, label_column=label_column
     )
     folder = arguments.pruned_dataset_dir or os.path.join(output_dir, "pruned_dataset")
-    pruned.save_to_disk(folder)
+    if write:
+        pruned.save_to_disk(folder)
 
     summary = RunSummary(
         rows_before=len(dataset),
@@ -283,9 +287,10 @@ def prune_and_save(
         pruned_dataset_dir=folder,
         eval_accuracy=eval_accuracy,
     )
-    with open(os.path.join(output_dir, SUMMARY_NAME), "w", encoding="utf-8") as stream:
-        json.dump(asdict(summary), stream, indent=2)
-    print(summary.to_text(), flush=True)
+    if write:
+        with open(os.path.join(output_dir, SUMMARY_NAME), "w", encoding="utf-8") as stream:
+            json.dump(asdict(summary), stream, indent=2)
+        print(summary.to_text(), flush=True)
     return summary
 
 
@@ -294,7 +299,8 @@ def train_score_and_prune(
 ) -> RunSummary:
     """
     Train with `trainer`, save the model, evaluate it when it has an evaluation set, score every training row and
-    prune `dataset` (the training rows before tokenization or other preprocessing, in the same order).
+    prune `dataset` (the training rows before tokenization or other preprocessing, in the same order). Under
+    several processes every process scores its share of the rows and the main process alone writes the results.
     """
     start = time.perf_counter()
     trainer.train()
@@ -310,7 +316,7 @@ def train_score_and_prune(
     scores = trainer.compute_moso_scores()
     score_seconds = time.perf_counter() - start
 
-    return prune_and_save(
+    summary = prune_and_save(
         dataset,
         scores,
         arguments,
@@ -319,4 +325,9 @@ def train_score_and_prune(
         train_seconds=train_seconds,
         score_seconds=score_seconds,
         eval_accuracy=eval_accuracy,
+        write=trainer.is_world_process_zero(),
     )
+
+    # Under several processes, close the process group before the interpreter exits: gloo can abort otherwise.
+    trainer.accelerator.end_training()
+    return summary

@@ -271,7 +271,7 @@ def main():
     data_arguments, model_arguments, scoring_arguments, thread_arguments, pruning_arguments, training_arguments = (
         parser.parse_args_into_dataclasses()
     )
-    setup_logging(training_arguments.get_process_log_level())
+    setup_logging(training_arguments.get_process_log_level(), training_arguments.should_log)
     thread_arguments.apply()
     set_seed(training_arguments.seed)
 

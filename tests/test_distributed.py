@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from datasets import load_from_disk
 from safetensors.torch import load_file, save_file
 
 from hf_moso import MoSoConfig, MoSoTrainer, NonFiniteLossError, compute_moso_scores, read_manifest
@@ -48,7 +49,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run(command: list[str]) -> None:
+def _run(command: list[str]) -> str:
     environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     completed = subprocess.run(
         command, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_SECONDS, check=False
@@ -58,6 +59,7 @@ def _run(command: list[str]) -> None:
             f"{' '.join(command)} exited with status {completed.returncode}.\n"
             f"stdout (end):\n{completed.stdout[-3000:]}\nstderr (end):\n{completed.stderr[-6000:]}"
         )
+    return completed.stdout
 
 
 def _torchrun(script: str, *arguments: str) -> None:
@@ -70,14 +72,14 @@ def _torchrun(script: str, *arguments: str) -> None:
     )  # fmt: skip
 
 
-def _accelerate_launch(script: str, *arguments: str) -> None:
+def _accelerate_launch(script: str, *arguments: str) -> str:
     # The command of the README, with the port chosen free and the address pinned to this machine.
-    _run(
+    return _run(
         [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
-            os.path.join(SCRIPTS, script), *arguments,
+            script if os.path.isabs(script) else os.path.join(SCRIPTS, script), *arguments,
         ]
     )  # fmt: skip
 
@@ -340,3 +342,25 @@ def test_config_rejects_deepspeed_launcher(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="ACCELERATE_USE_DEEPSPEED"):
         MoSoConfig(output_dir=str(tmp_path))
+
+
+def test_recipe_under_two_processes(tmp_path):
+    output_dir = tmp_path / "digits"
+    recipe = os.path.join(os.path.dirname(SCRIPTS), os.pardir, "recipes", "image_classification.py")
+
+    stdout = _accelerate_launch(
+        os.path.abspath(recipe),
+        "--output_dir", str(output_dir), "--max_train_rows", "120", "--keep", "0.5", "--use_cpu",
+        "--num_train_epochs", "1", "--moso_num_snapshots", "2", "--disable_tqdm", "true", "--seed", "0",
+    )  # fmt: skip
+
+    # Both processes score, the main process alone writes and prints, and both exit cleanly.
+    assert stdout.count("MoSo pruning (class-balanced, keep=0.5): 120 rows before, 60 rows after") == 1
+    assert stdout.count("Scoring 120 rows over 2 snapshots") == 1
+    with open(output_dir / "moso_summary.json", encoding="utf-8") as stream:
+        summary = json.load(stream)
+    pruned = load_from_disk(str(output_dir / "pruned_dataset"))
+    assert len(pruned) == summary["rows_after"] == 60
+    assert np.isfinite(pruned["moso_score"]).all()
+    assert summary["score_max"] == max(pruned["moso_score"])
+    assert len(read_manifest(str(output_dir / "moso")).snapshots) == 2
