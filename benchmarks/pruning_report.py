@@ -280,7 +280,7 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
                     else "."
                 ),
                 "",
-                "Command: `OMP_NUM_THREADS=1 nice -n 19 python benchmarks/pruning.py --dataset "
+                "Command: `OMP_NUM_THREADS=1 python benchmarks/pruning.py --dataset "
                 f"{dataset} --seeds {' '.join(str(seed) for seed in seeds)} "
                 + (f"--score_seed {score_seeds[0]} " if len(score_seeds) == 1 and len(seeds) > 1 else "")
                 + f"--epochs {settings['epochs']} "
@@ -297,7 +297,8 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
                 "",
             ]
     variants = {
-        "pruning_trec_finetuned.md": "TREC with MiniLM fine-tuned as a whole (its page says how many runs finished)",
+        "pruning_first_settings.md": "the first settings, MNIST trained for 1 epoch with 5 MoSo snapshots and TREC "
+        "with a head on frozen MiniLM embeddings, each scored once",
         "pruning_trec_10_snapshots.md": "TREC with a head on frozen MiniLM embeddings, 10 MoSo snapshots and one "
         "scoring run per seed",
         "pruning_trec_late_snapshots.md": "TREC with a head on frozen MiniLM embeddings, MoSo averaged over the "
@@ -311,9 +312,9 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
     lines += [
         "## Setup and limits",
         "",
-        "- Cuts made to fit the CPU time of a 2-core machine: MNIST trains 1 epoch with an 8-channel CNN; TREC",
-        "  fine-tunes MiniLM for 1 epoch; the main tables score once (seed 0) and repeat the pruned training with 3",
-        "  seeds; MoSo uses 5 snapshots there (the published MoSo code uses 10, see the variants).",
+        "- Cuts made to fit the CPU time of a 2-core machine: small models and 1 to 5 training epochs; fine-tuned",
+        "  TREC scores once (seed 0) and repeats the pruned training with 3 seeds; MoSo uses 5 snapshots where the",
+        "  Settings line says so (the published MoSo code uses 10). Each table's Settings line gives its values.",
         "- Threads: the torch threads of each scoring run are listed with its timings. The trec-frozen scoring run of",
         "  `docs/pruning.md` ran with 2 torch threads at a load average near 10; on that loaded 2-core machine 2 threads",
         "  made steps several times slower, so its scoring times are not comparable with the others. Accuracy does not",

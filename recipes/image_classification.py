@@ -25,26 +25,14 @@ import torch
 from datasets import Dataset, load_dataset
 from torch import nn
 from torch.nn import functional as F
-from transformers import HfArgumentParser, PreTrainedConfig, PreTrainedModel, set_seed
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import logging
 
 from data import ensure_class_label, load_digits_dataset, load_mnist
 from hf_moso import MoSoTrainer
-from moso_run import (
-    USAGE,
-    HelpFormatter,
-    PruningArguments,
-    RecipeTrainingArguments,
-    ScoringArguments,
-    ThreadArguments,
-    check_keep,
-    compute_accuracy,
-    sample_rows,
-    setup_logging,
-    train_score_and_prune,
-)
+from moso_run import check_keep, compute_accuracy, parse_recipe_arguments, sample_rows, train_score_and_prune
 
 
 logger = logging.get_logger(__name__)
@@ -254,19 +242,9 @@ def to_pixel_values(dataset: Dataset, image_column: str, label_column: str, mode
 
 
 def main():
-    parser = HfArgumentParser(
-        (DataArguments, ModelArguments, ScoringArguments, ThreadArguments, PruningArguments, RecipeTrainingArguments),
-        usage=USAGE,
-        description=__doc__,
-        formatter_class=HelpFormatter,
+    data_arguments, model_arguments, scoring_arguments, _, pruning_arguments, training_arguments = (
+        parse_recipe_arguments(DataArguments, ModelArguments, TRAINING_DEFAULTS, __doc__)
     )
-    parser.set_defaults(**TRAINING_DEFAULTS)
-    data_arguments, model_arguments, scoring_arguments, thread_arguments, pruning_arguments, training_arguments = (
-        parser.parse_args_into_dataclasses()
-    )
-    setup_logging(training_arguments.get_process_log_level(), training_arguments.should_log)
-    thread_arguments.apply()
-    set_seed(training_arguments.seed)
 
     # Data: the training rows to prune, and the held-out rows to evaluate on.
     dataset, source = load_images(data_arguments)

@@ -1,6 +1,7 @@
 """
-The steps that both recipes share after their own data and model: logging set-up, the pruning arguments, and the
-end of a run (prune by the MoSo scores, save the kept rows with `save_to_disk`, print and write a summary).
+The steps that both recipes share around their own data and model: the command line (scoring, thread, pruning and
+training arguments), logging set-up, and the end of a run (prune by the MoSo scores, save the kept rows with
+`save_to_disk`, print and write a summary).
 """
 
 import inspect
@@ -16,7 +17,7 @@ import datasets
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
-from transformers import EvalPrediction
+from transformers import EvalPrediction, HfArgumentParser, set_seed
 from transformers.utils import logging as hf_logging
 
 from hf_moso import (
@@ -183,6 +184,31 @@ def setup_logging(log_level: int, is_main_process: bool = True) -> None:
     )
     hf_logging.set_verbosity(log_level)
     datasets.utils.logging.set_verbosity(log_level)
+
+
+def parse_recipe_arguments(data_arguments: type, model_arguments: type, defaults: dict, description: str) -> tuple:
+    """
+    Parse the command line of a recipe into its data and model arguments and the shared scoring, thread, pruning
+    and training arguments, with the recipe's `defaults` in place of the training and thread defaults; then set up
+    logging, the torch threads and the seed.
+
+    Returns `(data, model, scoring, threads, pruning, training)` argument objects.
+    """
+    argument_classes = [data_arguments, model_arguments, ScoringArguments, ThreadArguments, PruningArguments]
+    parser = HfArgumentParser(
+        argument_classes + [RecipeTrainingArguments],
+        usage=USAGE,
+        description=description,
+        formatter_class=HelpFormatter,
+    )
+    parser.set_defaults(**defaults)
+    arguments = parser.parse_args_into_dataclasses()
+
+    training_arguments = arguments[-1]
+    setup_logging(training_arguments.get_process_log_level(), training_arguments.should_log)
+    arguments[3].apply()
+    set_seed(training_arguments.seed)
+    return tuple(arguments)
 
 
 def compute_accuracy(prediction: EvalPrediction) -> dict[str, float]:

@@ -34,24 +34,12 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset, load_dataset
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, set_seed
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging
 
 from data import detect_sentence_format, ensure_class_label, load_sentence_folder
 from hf_moso import MoSoTrainer, select_parameters
-from moso_run import (
-    USAGE,
-    HelpFormatter,
-    PruningArguments,
-    RecipeTrainingArguments,
-    ScoringArguments,
-    ThreadArguments,
-    check_keep,
-    compute_accuracy,
-    sample_rows,
-    setup_logging,
-    train_score_and_prune,
-)
+from moso_run import check_keep, compute_accuracy, parse_recipe_arguments, sample_rows, train_score_and_prune
 
 
 logger = logging.get_logger(__name__)
@@ -261,19 +249,9 @@ def tokenize(dataset: Dataset, tokenizer, text_column: str, label_column: str, m
 
 
 def main():
-    parser = HfArgumentParser(
-        (DataArguments, ModelArguments, ScoringArguments, ThreadArguments, PruningArguments, RecipeTrainingArguments),
-        usage=USAGE,
-        description=__doc__,
-        formatter_class=HelpFormatter,
+    data_arguments, model_arguments, scoring_arguments, _, pruning_arguments, training_arguments = (
+        parse_recipe_arguments(DataArguments, ModelArguments, TRAINING_DEFAULTS, __doc__)
     )
-    parser.set_defaults(**TRAINING_DEFAULTS)
-    data_arguments, model_arguments, scoring_arguments, thread_arguments, pruning_arguments, training_arguments = (
-        parser.parse_args_into_dataclasses()
-    )
-    setup_logging(training_arguments.get_process_log_level(), training_arguments.should_log)
-    thread_arguments.apply()
-    set_seed(training_arguments.seed)
 
     # Data: labels become a ClassLabel, so that class names travel with the ids.
     train, evaluation, source = load_text_splits(data_arguments)

@@ -6,6 +6,17 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from hf_moso import MoSoConfig
+
+
+def cpu_config(output_dir, **fields) -> MoSoConfig:
+    """
+    `MoSoConfig` of a quick test run on CPU with seed 0, writing to `output_dir` no reports, checkpoints or progress
+    bars; `fields` give the rest (batch size, epochs, snapshots...) and may override these.
+    """
+    quiet = {"report_to": "none", "save_strategy": "no", "disable_tqdm": True, "use_cpu": True, "seed": 0}
+    return MoSoConfig(**{"output_dir": str(output_dir), **quiet, **fields})
+
 
 def tiny_bert(num_labels: int = 3, seed: int = 0, dropout: float = 0.1) -> BertForSequenceClassification:
     torch.manual_seed(seed)

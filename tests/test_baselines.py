@@ -8,7 +8,6 @@ from torch.nn import functional as F
 from hf_moso import (
     EL2N_COLUMN,
     ForgettingCallback,
-    MoSoConfig,
     MoSoTrainer,
     add_moso_scores,
     compute_el2n_scores,
@@ -18,25 +17,21 @@ from hf_moso import (
 )
 from hf_moso.baselines import early_snapshots
 from hf_moso.snapshots import load_snapshot, read_manifest
-from models import pad_collator, tiny_bert, token_dataset
+from models import cpu_config, pad_collator, tiny_bert, token_dataset
+
+
+# Training settings of the runs in this file; each test may override some.
+TRAINING = {
+    "per_device_train_batch_size": 4,
+    "num_train_epochs": 2,
+    "learning_rate": 5e-2,
+    "moso_num_snapshots": 4,
+    "moso_batch_size": 5,
+}
 
 
 def _config(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_train_epochs=2,
-        learning_rate=5e-2,
-        moso_num_snapshots=4,
-        moso_batch_size=5,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return MoSoConfig(**values)
+    return cpu_config(tmp_path / "out", **{**TRAINING, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 import json
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_moso import MoSoConfig, MoSoTrainer
-from models import pad_collator, tiny_bert, token_dataset
+from hf_moso import MoSoTrainer
+from models import cpu_config, pad_collator, tiny_bert, token_dataset
 
 
 class RecordingTrainer(MoSoTrainer):
@@ -25,19 +24,12 @@ class RecordingTrainer(MoSoTrainer):
         return optimizer
 
 
+# Training settings of the runs in this file; each test may override some.
+TRAINING = {"per_device_train_batch_size": 2, "learning_rate": 1e-2}
+
+
 def _config(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return MoSoConfig(**values)
+    return cpu_config(tmp_path / "out", **{**TRAINING, **overrides})
 
 
 def _manifest(trainer):
@@ -142,7 +134,9 @@ def test_snapshots_survive_rotation_and_resume(tmp_path):
     first.train()
     os.remove(os.path.join(interrupted_args.moso_snapshot_folder, "snapshot-step-00000006.safetensors"))
     checkpoint = os.path.join(interrupted_args.output_dir, "checkpoint-4")
-    resumed = MoSoTrainer(model=tiny_bert(seed=1), args=interrupted_args, train_dataset=dataset, data_collator=pad_collator)
+    resumed = MoSoTrainer(
+        model=tiny_bert(seed=1), args=interrupted_args, train_dataset=dataset, data_collator=pad_collator
+    )
     resumed.train(resume_from_checkpoint=checkpoint)
 
     resumed_manifest = _manifest(resumed)

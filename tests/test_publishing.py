@@ -26,7 +26,7 @@ from hf_moso import (
 )
 from hf_moso.card import HISTOGRAM_PATH
 from hub_stub import HubStub, StoredFile, git_blob_oid, yaml_block_error
-from models import pad_collator, tiny_bert, token_dataset
+from models import cpu_config, pad_collator, tiny_bert, token_dataset
 
 
 TREC_TRAIN = os.path.join(SHARED_DATA, "trec", "TREC.train.all")
@@ -276,18 +276,13 @@ def trec_run(tmp_path_factory):
         pytest.skip(f"TREC data not found at {TREC_TRAIN}; set HF_MOSO_DATA_DIR to the shared data folder.")
     folder = tmp_path_factory.mktemp("trec_run")
     train, vocab_size = read_trec_rows(rows_per_class=50)
-    args = MoSoConfig(
-        output_dir=str(folder / "out"),
+    args = cpu_config(
+        folder / "out",
         per_device_train_batch_size=32,
         num_train_epochs=2,
         learning_rate=0.05,
         moso_num_snapshots=3,
         moso_batch_size=60,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
     )
     trainer = MoSoTrainer(
         model=BagOfWords(vocab_size, len(TREC_CLASSES)), args=args, train_dataset=train, data_collator=pad_collator

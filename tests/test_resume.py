@@ -11,11 +11,11 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-from hf_moso import MoSoConfig, MoSoTrainer, PartialResults, PerSampleGradientBackend, compute_moso_scores
+from hf_moso import MoSoTrainer, PartialResults, PerSampleGradientBackend, compute_moso_scores
 from hf_moso.parameters import select_parameters
 from hf_moso.scoring.resumable import CHUNK_DELAY_VARIABLE
 from hf_moso.snapshots import read_manifest
-from models import pad_collator, tiny_bert, token_dataset
+from models import cpu_config, pad_collator, tiny_bert, token_dataset
 from trained_run import hf_moso_command, run_cli, text_dataset, train_run
 
 
@@ -52,17 +52,12 @@ def engine_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine_run")
     dataset = token_dataset(num_rows=11)
     model = tiny_bert()
-    args = MoSoConfig(
-        output_dir=str(folder / "out"),
+    args = cpu_config(
+        folder / "out",
         per_device_train_batch_size=4,
         num_train_epochs=1,
         learning_rate=5e-2,
         moso_num_snapshots=2,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
     )
     MoSoTrainer(model=model, args=args, train_dataset=dataset, data_collator=pad_collator).train()
     snapshot_folder = args.moso_snapshot_folder

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_moso import MoSoConfig, MoSoTrainer, PerLayerBackend, PerSampleGradientBackend
-from models import TinyCNN, image_dataset, pad_collator, tiny_bert, token_dataset
+from hf_moso import MoSoTrainer, PerLayerBackend, PerSampleGradientBackend
+from models import TinyCNN, cpu_config, image_dataset, pad_collator, tiny_bert, token_dataset
 from reference import brute_force_scores
 
 
@@ -14,22 +14,18 @@ def _cross_entropy_rows(model, batch):
 BACKENDS = {"per_sample": PerSampleGradientBackend, "per_layer": PerLayerBackend}
 
 
+# Training settings of the runs in this file; each test may override some.
+TRAINING = {
+    "per_device_train_batch_size": 4,
+    "num_train_epochs": 2,
+    "learning_rate": 5e-2,
+    "moso_num_snapshots": 3,
+    "moso_batch_size": 5,
+}
+
+
 def _config(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_train_epochs=2,
-        learning_rate=5e-2,
-        moso_num_snapshots=3,
-        moso_batch_size=5,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return MoSoConfig(**values)
+    return cpu_config(tmp_path / "out", **{**TRAINING, **overrides})
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

@@ -4,25 +4,21 @@ import torch
 from datasets import Dataset
 
 from hf_moso import MoSoConfig, MoSoTrainer, NonFiniteLossError
-from models import TinyCNN, image_dataset, pad_collator, tiny_bert, token_dataset
+from models import TinyCNN, cpu_config, image_dataset, pad_collator, tiny_bert, token_dataset
+
+
+# Training settings of the runs in this file; each test may override some.
+TRAINING = {
+    "per_device_train_batch_size": 4,
+    "num_train_epochs": 1,
+    "learning_rate": 1e-2,
+    "moso_num_snapshots": 2,
+    "moso_batch_size": 3,
+}
 
 
 def _config(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=1e-2,
-        moso_num_snapshots=2,
-        moso_batch_size=3,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return MoSoConfig(**values)
+    return cpu_config(tmp_path / "out", **{**TRAINING, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +187,7 @@ def test_snapshot_steps_beyond_training_rejected(tmp_path):
 
 def test_parameter_patterns_select_head(tmp_path):
     dataset = image_dataset(num_rows=8)
-    trainer = MoSoTrainer(
-        model=TinyCNN(), args=_config(tmp_path, moso_parameters=["head.*"]), train_dataset=dataset
-    )
+    trainer = MoSoTrainer(model=TinyCNN(), args=_config(tmp_path, moso_parameters=["head.*"]), train_dataset=dataset)
     trainer.train()
     head_scores = trainer.compute_moso_scores()
     trainer.args.moso_parameters = None
