@@ -22,8 +22,10 @@ Data:
 - trec-frozen: the same splits; a classification head trained on frozen mean-pooled MiniLM sentence embeddings,
   computed once. A cheap stand-in that does not fine-tune MiniLM.
 
-Example:
-    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/pruning.py --dataset mnist --seeds 0 1 2 --score_seed 0
+Example (the runs of `docs/pruning.md`):
+    OMP_NUM_THREADS=1 python benchmarks/pruning.py --dataset mnist --seeds 0 1 2 --epochs 2 --learning_rate 0.005 \
+        --num_snapshots 10
+    OMP_NUM_THREADS=1 python benchmarks/pruning.py --dataset trec --seeds 0 1 2 --score_seed 0 --num_snapshots 5
     python benchmarks/pruning.py --report
 
 Several processes may share one `--results` file, each running some of the keep fractions (`--keep`) after one of

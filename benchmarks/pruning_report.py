@@ -292,7 +292,7 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
                     else ""
                 )
                 + ("" if methods == DEFAULT_METHODS else f" --methods {' '.join(methods)}")
-                + f" --results {os.path.relpath(settings['results'], REPOSITORY)}"
+                + f" --results {os.path.relpath(results_path, REPOSITORY)}"
                 + f" --work_dir {os.path.relpath(settings['work_dir'], REPOSITORY)}`",
                 "",
             ]
@@ -315,10 +315,10 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
         "- Cuts made to fit the CPU time of a 2-core machine: small models and 1 to 5 training epochs; fine-tuned",
         "  TREC scores once (seed 0) and repeats the pruned training with 3 seeds; MoSo uses 5 snapshots where the",
         "  Settings line says so (the published MoSo code uses 10). Each table's Settings line gives its values.",
-        "- Threads: the torch threads of each scoring run are listed with its timings. The trec-frozen scoring run of",
-        "  `docs/pruning.md` ran with 2 torch threads at a load average near 10; on that loaded 2-core machine 2 threads",
-        "  made steps several times slower, so its scoring times are not comparable with the others. Accuracy does not",
-        "  depend on it.",
+        "- Threads: the torch threads of each scoring run are listed with its timings where they were recorded. The",
+        "  trec-frozen scoring run of `docs/pruning_first_settings.md` ran with 2 torch threads at a load average near",
+        "  10; on that loaded 2-core machine 2 threads made steps several times slower, so its scoring times are not",
+        "  comparable with the others. Accuracy does not depend on it.",
         "- Selection: MoSo with class-balanced quotas and with one global ranking; random, EL2N, GraNd and forgetting",
         "  events with a global ranking, as in their papers. Higher score = kept. Ties (frequent for forgetting counts)",
         "  are broken by row position.",

@@ -47,7 +47,9 @@ class Manifest:
 
     `parameter_groups` maps every parameter name that the optimizer updates to its parameter group, so that a
     scored parameter gets the learning rate of its own group. `planned_steps` are the steps the run was set to
-    record; `snapshots` are those recorded so far, in step order.
+    record; `snapshots` are those recorded so far, in step order. `moso_parameters` are the parameter patterns the
+    run was configured to score (`MoSoConfig.moso_parameters`, `None` for every trainable parameter); the snapshots
+    hold every parameter all the same.
     """
 
     planned_steps: list[int]
@@ -55,6 +57,7 @@ class Manifest:
     snapshots: list[Snapshot] = field(default_factory=list)
     max_steps: int | None = None
     model_class: str | None = None
+    moso_parameters: list[str] | None = None
     format_version: int = MANIFEST_FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -239,6 +242,7 @@ class SnapshotRecorder(TrainerCallback):
             snapshots=kept,
             max_steps=state.max_steps,
             model_class=type(model).__name__,
+            moso_parameters=getattr(args, "moso_parameters", None),
         )
 
         if state.is_world_process_zero:

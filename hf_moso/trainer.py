@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Subset
 from transformers import Trainer, TrainingArguments
@@ -73,6 +74,11 @@ class MoSoTrainer(Trainer):
                 "`PerLayerBackend(row_loss_function=...)`) instead of to the trainer."
             )
         super().__init__(model, args, *trainer_args, **kwargs)
+        self._check_process_count()
+
+        # Parameter patterns are checked now, so that a typo fails before training rather than after it.
+        if args.moso_parameters is not None and self.model is not None:
+            select_parameters(self.model, args.moso_parameters)
 
         # Scoring: the backend and a cache of scores per dataset fingerprint and snapshot set.
         if scoring_backend is None:
@@ -87,6 +93,25 @@ class MoSoTrainer(Trainer):
             snapshot_steps=args.moso_snapshot_steps,
         )
         self.add_callback(self.snapshot_recorder)
+
+    def _check_process_count(self) -> None:
+        """
+        Raise when the script was launched as several processes but the training arguments run as one process.
+
+        On a machine without a GPU, `accelerate launch --multi_gpu` starts the processes and their process group, but
+        `TrainingArguments` without `use_cpu=True` runs each of them alone: every process would train on all rows and
+        write the same files.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        num_processes = torch.distributed.get_world_size()
+        if num_processes > 1 and self.args.world_size == 1:
+            raise ValueError(
+                f"This script runs as {num_processes} processes, but the training arguments see 1 process "
+                f"(parallel_mode={self.args.parallel_mode.value}, device {self.args.device}), so each process would "
+                "train on every row alone. On CPUs set `use_cpu=True` (`--use_cpu` for scripts that parse "
+                "TrainingArguments); on GPUs check that each process sees its device."
+            )
 
     def _scoring_dataloader(self, dataset) -> DataLoader:
         """Batches of `dataset` in row order, with the columns the model does not accept removed."""

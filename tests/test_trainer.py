@@ -200,6 +200,12 @@ def test_parameter_patterns_select_head(tmp_path):
         trainer.compute_moso_scores(dataset.select(range(6)))
 
 
+def test_unknown_parameter_pattern_rejected_at_init(tmp_path):
+    # The check comes before training, so a typo does not cost a training run.
+    with pytest.raises(ValueError, match=r"No parameter name matches `moso_parameters`=\['decoder.\*'\]"):
+        MoSoTrainer(model=TinyCNN(), args=_config(tmp_path, moso_parameters=["decoder.*"]))
+
+
 def test_dataset_without_labels_rejected(trained_bert):
     dataset = trained_bert.train_dataset.remove_columns("label")
     with pytest.raises(ValueError, match="returned no loss"):

@@ -44,9 +44,11 @@ def text_dataset(num_rows: int, seed: int = 0) -> Dataset:
     return Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 
-def train_run(folder: str, num_rows: int = 24, num_snapshots: int = 3) -> dict:
+def train_run(
+    folder: str, num_rows: int = 24, num_snapshots: int = 3, moso_parameters: list[str] | None = None
+) -> dict:
     """
-    Train a tiny BERT classifier with MoSoTrainer and save it like a user does.
+    Train a tiny BERT classifier with MoSoTrainer and save it like a user does; `moso_parameters` go to its config.
 
     Returns the paths: `model_dir` (the output folder, with the snapshots in `model_dir/moso`) and `dataset_dir`
     (the training rows, text and label, saved with `save_to_disk`).
@@ -75,6 +77,7 @@ def train_run(folder: str, num_rows: int = 24, num_snapshots: int = 3) -> dict:
         num_train_epochs=2,
         learning_rate=5e-2,
         moso_num_snapshots=num_snapshots,
+        moso_parameters=moso_parameters,
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,

@@ -128,8 +128,10 @@ def run(args) -> None:
             allow_empty_classes=args.allow_empty_classes,
         )
     except ValueError as error:
-        option = "--keep" if keep is not None else "--threshold"
         message = str(error).replace("pass `allow_empty_classes=True`", "pass --allow_empty_classes")
+        if message.startswith("Label column"):
+            raise InvalidInputError(f"{message} Pass the name of the class column with --label_column.") from error
+        option = "--keep" if keep is not None else "--threshold"
         raise InvalidInputError(f"{message} ({option} {args.keep if keep is not None else args.threshold})") from error
     except TypeError as error:
         raise InvalidInputError(f"Invalid --keep value {args.keep!r}: {error}") from error

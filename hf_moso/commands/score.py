@@ -18,7 +18,7 @@ from ..dataset import SCORE_COLUMN, add_moso_scores
 from ..parameters import select_parameters
 from ..scoring import PartialResults, PerLayerBackend, PerSampleGradientBackend
 from ..scoring.partial_results import DEFAULT_CHUNK_ROWS
-from ..snapshots import read_manifest
+from ..snapshots import MANIFEST_NAME, read_manifest
 from ..trainer import MoSoTrainer
 from .data import build_rows, load_dataset_source, plan_rows
 from .errors import InvalidInputError
@@ -117,7 +117,8 @@ def add_parser(subparsers, **shared) -> None:
         "--parameters",
         nargs="+",
         metavar="PATTERN",
-        help="fnmatch patterns on parameter names selecting the scored parameters (default: every parameter the "
+        help="fnmatch patterns or presets on parameter names selecting the scored parameters (default: the "
+        "`moso_parameters` of the training run, as its snapshot manifest records them, or else every parameter the "
         "optimizer updated during training)",
     )
     parser.add_argument(
@@ -141,7 +142,17 @@ def load_model(model_dir: str):
             f"The model folder {model_dir} has no config.json. hf-moso score loads transformers models saved with "
             "`trainer.save_model()`; score other models from Python with `MoSoTrainer.compute_moso_scores`."
         )
-    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except ValueError as error:
+        # transformers raises ValueError for a `model_type` it has no class for, such as a model defined in a script.
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as stream:
+            model_type = json.load(stream).get("model_type")
+        raise InvalidInputError(
+            f"The config.json in {model_dir} has model_type {model_type!r}, which transformers "
+            f"{transformers.__version__} does not know. hf-moso score loads transformers architectures only; score "
+            "models defined in your own code from Python with `MoSoTrainer.compute_moso_scores`."
+        ) from error
     architectures = list(getattr(config, "architectures", None) or [])
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     if model_class is None:
@@ -187,6 +198,11 @@ def select_trained_parameters(model, manifest, patterns) -> None:
 
 def load_scoring_model(model_dir: str, snapshot_dir: str, patterns: list[str] | None):
     """Load the model, the snapshot manifest and the tokenizer, and check that they belong together."""
+    if not os.path.isfile(os.path.join(snapshot_dir, MANIFEST_NAME)):
+        raise InvalidInputError(
+            f"No snapshot manifest at {os.path.join(snapshot_dir, MANIFEST_NAME)}. Give the output folder of a "
+            "MoSoTrainer run, with its snapshots in <output_dir>/moso, or their folder with --snapshot_dir."
+        )
     manifest = read_manifest(snapshot_dir)
     model = load_model(model_dir)
     check_model_computes_loss(model)
@@ -235,6 +251,9 @@ def run(args) -> None:
 
     # Model, snapshots and rows, all checked before anything is written.
     model, manifest, tokenizer = load_scoring_model(model_dir, snapshot_dir, args.parameters)
+    if args.parameters is None and manifest.moso_parameters is not None:
+        args.parameters = manifest.moso_parameters
+        logger.info(f"Scoring the parameters the training run selected: moso_parameters={args.parameters}.")
     dataset = load_rows(args)
     plan = plan_rows(
         dataset,
