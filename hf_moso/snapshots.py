@@ -49,7 +49,7 @@ class Manifest:
     scored parameter gets the learning rate of its own group. `planned_steps` are the steps the run was set to
     record; `snapshots` are those recorded so far, in step order. `moso_parameters` are the parameter patterns the
     run was configured to score (`MoSoConfig.moso_parameters`, `None` for every trainable parameter); the snapshots
-    hold every parameter all the same.
+    hold every parameter regardless.
     """
 
     planned_steps: list[int]
