@@ -271,7 +271,7 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
                 "",
                 f"Settings: {settings['epochs']} epoch(s), batch size {settings['batch_size']}, AdamW peak learning rate "
                 f"{settings['learning_rate']} with linear decay, MoSo snapshots {settings['num_snapshots']}, forgetting "
-                f"checks {settings['forgetting_checks']}, seeds of the pruned training {seeds}, seeds of the scoring "
+                f"checks {settings['forgetting_checks']}. Seeds of the pruned training {seeds}, seeds of the scoring "
                 f"runs {score_seeds}"
                 + (
                     " (one scoring run: every seed prunes with the same scores, so the spread shows the variation of"
@@ -312,9 +312,9 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
     lines += [
         "## Setup and limits",
         "",
-        "- Cuts made to fit the CPU time of a 2-core machine: small models and 1 to 5 training epochs; fine-tuned",
-        "  TREC scores once (seed 0) and repeats the pruned training with 3 seeds; MoSo uses 5 snapshots where the",
-        "  Settings line says so (the published MoSo code uses 10). Each table's Settings line gives its values.",
+        "- Cuts made to fit the CPU time of a 2-core machine: small models trained for 1 to 5 epochs. Fine-tuned TREC",
+        "  scores once (seed 0) and repeats the pruned training with 3 seeds. MoSo uses 5 snapshots where the Settings",
+        "  line says so (the published MoSo code uses 10). Each table's Settings line gives its values.",
         "- Threads: the torch threads of each scoring run are listed with its timings where they were recorded. The",
         "  trec-frozen scoring run of `docs/pruning_first_settings.md` ran with 2 torch threads at a load average near",
         "  10; on that loaded 2-core machine 2 threads made steps several times slower, so its scoring times are not",
@@ -330,9 +330,9 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
         "- TREC (fine-tuned): all-MiniLM-L6-v2 as `BertForSequenceClassification` with a new 6-class head, every",
         "  parameter trained, questions cut to 32 tokens and padded per batch. MoSo and GraNd take the gradient over",
         "  the parameters named in the command (`--moso_parameters`; every trainable parameter when absent).",
-        "- TREC (head on frozen MiniLM embeddings, `--dataset trec-frozen`): the frozen encoder gives each question its",
-        "  mean-pooled sentence embedding (its own pooling, max 32 tokens), computed once; a head of dense 384-384 +",
-        "  tanh + dropout 0.1 + linear to 6 classes is trained from scratch on top.",
+        "- TREC (head on frozen MiniLM embeddings, `--dataset trec-frozen`, in the variants): the frozen encoder gives",
+        "  each question its mean-pooled sentence embedding (its own pooling, max 32 tokens), computed once. A head of",
+        "  dense 384-384 + tanh + dropout 0.1 + linear to 6 classes is trained from scratch on top.",
         "- Training on the kept rows: a plain PyTorch loop with the Trainer's updates (AdamW, linear decay, gradient",
         "  clipping at 1.0, a new shuffle per epoch), because the Trainer's per-step overhead was most of the time of",
         "  these small models on this machine. The scoring run on all rows uses `MoSoTrainer`.",
