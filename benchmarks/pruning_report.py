@@ -154,6 +154,37 @@ def class_composition(dataset, score_seeds, work_dir, keep=0.3):
     return lines
 
 
+def score_agreement(dataset, score_seeds, work_dir):
+    """
+    Return table lines with the Spearman rank correlation of each score between every pair of scoring runs. It
+    shows how much of a ranking survives a new training run. No lines when fewer than two scoring runs are on disk.
+    """
+    from scipy.stats import spearmanr
+
+    stored = {}
+    for seed in score_seeds:
+        path = os.path.join(work_dir, f"{dataset}-seed{seed}-scores.npz")
+        if os.path.isfile(path):
+            with np.load(path) as scores:
+                stored[seed] = {name: scores[name] for name in scores.files}
+    if len(stored) < 2:
+        return []
+
+    pairs = [(first, second) for index, first in enumerate(stored) for second in list(stored)[index + 1 :]]
+    lines = [
+        "",
+        "Agreement of the scores between scoring runs (Spearman rank correlation over all training rows):",
+        "",
+        "| score | " + " | ".join(f"seeds {first} and {second}" for first, second in pairs) + " |",
+        "|---|" + "---|" * len(pairs),
+    ]
+    for name, label in [("moso", "MoSo"), ("el2n", "EL2N"), ("grand", "GraNd"), ("forgetting", "forgetting events")]:
+        if all(name in stored[seed] for seed in stored):
+            values = [spearmanr(stored[first][name], stored[second][name])[0] for first, second in pairs]
+            lines.append(f"| {label} | " + " | ".join(f"{value:.3f}" for value in values) + " |")
+    return lines
+
+
 def machines_of(rows) -> dict[str, set[str]]:
     """Group the datasets by the machine they ran on, from the `machine` field of the result lines."""
     machines = defaultdict(set)
@@ -238,6 +269,7 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
         )
         if work_dir is not None:
             lines += class_composition(dataset, score_seeds, work_dir)
+            lines += score_agreement(dataset, score_seeds, work_dir)
 
         if full.get(dataset):
             settings = full[dataset][0]["settings"]
