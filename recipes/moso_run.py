@@ -188,9 +188,10 @@ def setup_logging(log_level: int, is_main_process: bool = True) -> None:
 
 def parse_recipe_arguments(data_arguments: type, model_arguments: type, defaults: dict, description: str) -> tuple:
     """
-    Parse the command line of a recipe into its data and model arguments and the shared scoring, thread, pruning
-    and training arguments, with the recipe's `defaults` in place of the training and thread defaults; then set up
-    logging, the torch threads and the seed.
+    Parse the command line of a recipe, then set up logging, the torch threads and the seed.
+
+    The recipe gives its own data and model argument classes; the scoring, thread, pruning and training arguments
+    are shared. `defaults` replace the defaults of the training and thread arguments.
 
     Returns `(data, model, scoring, threads, pruning, training)` argument objects.
     """

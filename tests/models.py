@@ -11,8 +11,10 @@ from hf_moso import MoSoConfig
 
 def cpu_config(output_dir, **fields) -> MoSoConfig:
     """
-    `MoSoConfig` of a quick test run on CPU with seed 0, writing to `output_dir` no reports, checkpoints or progress
-    bars; `fields` give the rest (batch size, epochs, snapshots...) and may override these.
+    Build the `MoSoConfig` of a quick test run on CPU with seed 0 that writes to `output_dir`.
+
+    The run writes no reports, checkpoints or progress bars. `fields` give the rest (batch size, epochs,
+    snapshots...) and may override these settings.
     """
     quiet = {"report_to": "none", "save_strategy": "no", "disable_tqdm": True, "use_cpu": True, "seed": 0}
     return MoSoConfig(**{"output_dir": str(output_dir), **quiet, **fields})
