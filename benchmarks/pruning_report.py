@@ -212,6 +212,15 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
         keeps = sorted({keep for per_keep in per_method.values() for keep in per_keep}, reverse=True)
         seeds = sorted({seed for per_keep in per_method.values() for runs in per_keep.values() for seed in runs})
         score_seeds = sorted({row["seed"] for row in full.get(dataset, [])})
+        # The scoring runs whose scores chose the kept rows; other scoring runs only enter the agreement table.
+        pruning_score_seeds = sorted(
+            {
+                row.get("score_seed", row["seed"])
+                for row in rows
+                if row["dataset"] == dataset and row.get("training") == "plain_loop" and row["method"] != "all_rows"
+            }
+        )
+        agreement_only = [seed for seed in score_seeds if seed not in pruning_score_seeds]
         # The methods that have results: the scoring run's own `--methods` may differ when several processes share
         # one results file.
         methods = [method for method in METHOD_LABELS if method in per_method]
@@ -268,7 +277,7 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
             )
         )
         if work_dir is not None:
-            lines += class_composition(dataset, score_seeds, work_dir)
+            lines += class_composition(dataset, pruning_score_seeds, work_dir)
             lines += score_agreement(dataset, score_seeds, work_dir)
 
         if full.get(dataset):
@@ -304,17 +313,26 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
                 f"Settings: {settings['epochs']} epoch(s), batch size {settings['batch_size']}, AdamW peak learning rate "
                 f"{settings['learning_rate']} with linear decay, MoSo snapshots {settings['num_snapshots']}, forgetting "
                 f"checks {settings['forgetting_checks']}. Seeds of the pruned training {seeds}, seeds of the scoring "
-                f"runs {score_seeds}"
+                f"runs that chose the kept rows {pruning_score_seeds}"
                 + (
                     " (one scoring run: every seed prunes with the same scores, so the spread shows the variation of"
                     " training only, not of the scores)."
-                    if len(score_seeds) == 1 and len(seeds) > 1
+                    if len(pruning_score_seeds) == 1 and len(seeds) > 1
                     else "."
+                )
+                + (
+                    f" The scoring run(s) with seed(s) {agreement_only} only enter the agreement table and the timings."
+                    if agreement_only
+                    else ""
                 ),
                 "",
                 "Command: `OMP_NUM_THREADS=1 python benchmarks/pruning.py --dataset "
                 f"{dataset} --seeds {' '.join(str(seed) for seed in seeds)} "
-                + (f"--score_seed {score_seeds[0]} " if len(score_seeds) == 1 and len(seeds) > 1 else "")
+                + (
+                    f"--score_seed {pruning_score_seeds[0]} "
+                    if len(pruning_score_seeds) == 1 and len(seeds) > 1
+                    else ""
+                )
                 + f"--epochs {settings['epochs']} "
                 f"--batch_size {settings['batch_size']} --learning_rate {settings['learning_rate']} "
                 f"--num_snapshots {settings['num_snapshots']} --forgetting_checks {settings['forgetting_checks']}"
