@@ -321,7 +321,9 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
                     else "."
                 )
                 + (
-                    f" The scoring run(s) with seed(s) {agreement_only} only enter the agreement table and the timings."
+                    f" The scoring run(s) with seed(s) {agreement_only} only enter the agreement table and the timings:"
+                    f" the same command with `--seeds {' '.join(str(seed) for seed in agreement_only)}` and no"
+                    " `--score_seed` runs them (their pruned runs are skipped as already done)."
                     if agreement_only
                     else ""
                 ),
