@@ -113,7 +113,7 @@ def run_worker(arguments) -> None:
         with open(arguments.output, "w") as stream:
             json.dump(result, stream)
 
-    # A gloo process group still up when the interpreter exits can abort the process, so close it first.
+    # A gloo process group still open when the interpreter exits can abort the process, so close it first.
     trainer.accelerator.end_training()
 
 

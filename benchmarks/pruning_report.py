@@ -314,16 +314,17 @@ def write_report(results_path, markdown_name="pruning.md", plot_name="pruning_ac
                 f"{settings['learning_rate']} with linear decay, MoSo snapshots {settings['num_snapshots']}, forgetting "
                 f"checks {settings['forgetting_checks']}. Seeds of the pruned training {seeds}, seeds of the scoring "
                 f"runs that chose the kept rows {pruning_score_seeds}"
+                + "."
                 + (
-                    " (one scoring run: every seed prunes with the same scores, so the spread shows the variation of"
-                    " training only, not of the scores)."
+                    " With one scoring run, every seed prunes with the same scores, so the spread shows the variation"
+                    " of training only, not of the scores."
                     if len(pruning_score_seeds) == 1 and len(seeds) > 1
-                    else "."
+                    else ""
                 )
                 + (
-                    f" The scoring run(s) with seed(s) {agreement_only} only enter the agreement table and the timings:"
-                    f" the same command with `--seeds {' '.join(str(seed) for seed in agreement_only)}` and no"
-                    " `--score_seed` runs them (their pruned runs are skipped as already done)."
+                    f" The scoring run(s) with seed(s) {agreement_only} only enter the agreement table and the timings."
+                    f" The same command with `--seeds {' '.join(str(seed) for seed in agreement_only)}` and no"
+                    " `--score_seed` runs them, and skips their pruned runs as already done."
                     if agreement_only
                     else ""
                 ),

@@ -205,9 +205,9 @@ def parse_recipe_arguments(data_arguments: type, model_arguments: type, defaults
     parser.set_defaults(**defaults)
     arguments = parser.parse_args_into_dataclasses()
 
-    training_arguments = arguments[-1]
+    thread_arguments, training_arguments = arguments[3], arguments[-1]
     setup_logging(training_arguments.get_process_log_level(), training_arguments.should_log)
-    arguments[3].apply()
+    thread_arguments.apply()
     set_seed(training_arguments.seed)
     return tuple(arguments)
 
@@ -355,6 +355,6 @@ def train_score_and_prune(
         write=trainer.is_world_process_zero(),
     )
 
-    # Under several processes, close the process group before the interpreter exits: gloo can abort otherwise.
+    # Close the process group before the interpreter exits, because an open gloo group can abort the process.
     trainer.accelerator.end_training()
     return summary

@@ -79,7 +79,8 @@ def _label_name(dataset: Dataset, label_column: str | None) -> str | None:
     if label_column is not None:
         if label_column not in dataset.column_names:
             raise InvalidInputError(
-                f"Label column {label_column!r} not found; the scored dataset has columns {dataset.column_names}."
+                f"Label column {label_column!r} not found; the scored dataset has columns {dataset.column_names}. "
+                "Pass the name of the class column with --label_column."
             )
         return label_column
     return next((name for name in ("label", "labels") if name in dataset.column_names), None)
@@ -117,6 +118,7 @@ def run(args) -> None:
         raise InvalidInputError(
             f"The dataset in {args.scores_dir} has no {SCORE_COLUMN!r} column. Give a result folder of hf-moso score."
         )
+    _label_name(scored, args.label_column)
 
     try:
         pruned = prune_dataset(
@@ -129,8 +131,6 @@ def run(args) -> None:
         )
     except ValueError as error:
         message = str(error).replace("pass `allow_empty_classes=True`", "pass --allow_empty_classes")
-        if message.startswith("Label column"):
-            raise InvalidInputError(f"{message} Pass the name of the class column with --label_column.") from error
         option = "--keep" if keep is not None else "--threshold"
         raise InvalidInputError(f"{message} ({option} {args.keep if keep is not None else args.threshold})") from error
     except TypeError as error:

@@ -198,12 +198,13 @@ def select_trained_parameters(model, manifest, patterns) -> None:
 
 def load_scoring_model(model_dir: str, snapshot_dir: str, patterns: list[str] | None):
     """Load the model, the snapshot manifest and the tokenizer, and check that they belong together."""
-    if not os.path.isfile(os.path.join(snapshot_dir, MANIFEST_NAME)):
+    try:
+        manifest = read_manifest(snapshot_dir)
+    except FileNotFoundError as error:
         raise InvalidInputError(
             f"No snapshot manifest at {os.path.join(snapshot_dir, MANIFEST_NAME)}. Give the output folder of a "
             "MoSoTrainer run, with its snapshots in <output_dir>/moso, or their folder with --snapshot_dir."
-        )
-    manifest = read_manifest(snapshot_dir)
+        ) from error
     model = load_model(model_dir)
     check_model_computes_loss(model)
     if manifest.model_class is not None and manifest.model_class != type(model).__name__:

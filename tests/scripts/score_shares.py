@@ -59,7 +59,7 @@ def main(snapshot_folder: str, output_folder: str) -> None:
     with open(os.path.join(output_folder, f"scores-process-{trainer.args.process_index}.json"), "w") as stream:
         json.dump({"num_processes": trainer.args.world_size, "scores": results}, stream)
 
-    # A gloo process group still up when the interpreter exits can abort the process, so close it first.
+    # A gloo process group still open when the interpreter exits can abort the process, so close it first.
     trainer.accelerator.end_training()
 
 

@@ -68,7 +68,7 @@ def main(output_folder: str) -> None:
     with open(os.path.join(output_folder, f"result-process-{trainer.args.process_index}.json"), "w") as stream:
         json.dump(result, stream)
 
-    # A gloo process group still up when the interpreter exits can abort the process, so close it first.
+    # A gloo process group still open when the interpreter exits can abort the process, so close it first.
     trainer.accelerator.end_training()
 
 
